@@ -1,0 +1,110 @@
+"""Argument validation (DESIGN.md section 3) and the canonical row view shared by every backend.
+
+Nothing here launches work on a device or reads device memory: every check looks at metadata
+(shape, dtype, device, Python numbers) only, so validation never synchronises the host.
+"""
+import math
+from numbers import Integral, Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+KL_DIRECTIONS = ("forward", "reverse")
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+def _choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend):
+    """Validate the scalar options shared by fused_hrm_loss and FusedHRMLoss."""
+    if _real("hrm", hrm) < 0 or math.isinf(hrm):
+        raise ValueError(f"hrm must be a finite float >= 0 (the weight of the KL term), got {hrm}")
+    t = _real("temperature", temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    if not 0.0 <= _real("label_smoothing", label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _choice("reduction", reduction, REDUCTIONS)
+    _choice("kl_direction", kl_direction, KL_DIRECTIONS)
+    _choice("backend", backend, BACKENDS)
+
+
+def check_tensors(student_logits, teacher_logits, labels):
+    """Validate the three tensors: types, dtypes, devices, and shapes (..., V), (..., V), (...)."""
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
+                    ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.dim() < 1 or t.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(t.shape)}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    for name, t in (("teacher_logits", teacher_logits), ("labels", labels)):
+        if t.device != student_logits.device:
+            raise ValueError(f"{name} is on {t.device} but student_logits is on "
+                             f"{student_logits.device}; all tensors must share one device")
+    v, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vt != v:
+        msg = f"teacher_logits has V={vt} but student_logits has V={v}: the vocabularies must match"
+        if vt > v:
+            msg += f"; for a padded teacher vocabulary pass teacher_logits[..., :{v}] (a view, no copy)"
+        raise ValueError(msg)
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} must equal "
+                         f"student_logits leading shape {tuple(student_logits.shape[:-1])}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(student_logits.shape[:-1])} (student_logits "
+                         f"without its last dimension), got {tuple(labels.shape)}")
+
+
+def check_num_items(num_items_in_batch, device):
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
+            raise ValueError("num_items_in_batch must be an int or a 0-d numeric tensor, got a tensor "
+                             f"of shape {tuple(num_items_in_batch.shape)} and {num_items_in_batch.dtype}")
+        if num_items_in_batch.device.type not in ("cpu", device.type):
+            raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device}, expected {device}")
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, Integral):
+        raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, "
+                        f"got {type(num_items_in_batch).__name__}")
+    elif num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+
+
+def rows_view(x):
+    """View x (..., V) as (B, S, V) without a copy, so row r sits at x[r // S, r % S].
+
+    Kernels address row r as ``(r // S) * stride_b + (r % S) * stride_s``, which covers any
+    2-D or 3-D strided view (``logits[:, :-1]``, ``teacher[..., :V]``). Only when more than two
+    leading dimensions cannot be merged, or the last stride is not 1, is a copy made.
+    """
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    shape = (math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
+    try:
+        return x.view(shape)
+    except RuntimeError:
+        return x.reshape(shape)

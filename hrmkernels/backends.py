@@ -1,0 +1,70 @@
+"""The one place that chooses an implementation: backend name + device -> launcher module.
+
+Each backend module exposes the same two launchers, ``hrm_loss_fwd`` and ``hrm_loss_bwd``
+(see triton_kernels.py for their contract).
+"""
+import torch
+
+from hrmkernels import torch_impl
+
+
+def _triton_module():
+    try:
+        from hrmkernels import triton_kernels
+    except ImportError as e:
+        return None, f"triton cannot be imported ({e})"
+    return triton_kernels, None
+
+
+def _cuda_module():
+    try:
+        from hrmkernels import cuda_ops
+    except ImportError as e:
+        return None, f"the CUDA extension of hrmkernels is not available ({e})"
+    return cuda_ops, cuda_ops.unavailable_reason()
+
+
+def _why_unavailable(name, device):
+    """None if backend `name` can run on tensors of `device`, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        module, why = _triton_module()
+        if why:
+            return why
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "torch sees no CUDA device"
+        if device.type == "cpu" and module.INTERPRETED:
+            return None
+        return (f"Triton kernels need a CUDA device, not {device.type} (on CPU they run only under "
+                "TRITON_INTERPRET=1, set before hrmkernels is imported)")
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, not {device.type}"
+        return _cuda_module()[1]
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends(device=None):
+    """Backends that can run on `device` here, fastest first; ``backend="auto"`` takes the first.
+
+    `device` defaults to the current CUDA device when there is one, else the CPU. On CPU the
+    torch backend comes first: the Triton interpreter is for tests, not speed.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch", "triton", "cuda")
+    return [name for name in order if _why_unavailable(name, device) is None]
+
+
+def resolve(backend, device):
+    """The launcher module for `backend` ("auto", "triton", "cuda", "torch") on `device`."""
+    if backend == "auto":
+        backend = available_backends(device)[0]
+    why = _why_unavailable(backend, device)
+    if why:
+        raise ValueError(f"backend={backend!r} is not available for {device} tensors: {why}")
+    if backend == "torch":
+        return torch_impl
+    return (_triton_module if backend == "triton" else _cuda_module)()[0]

@@ -1,0 +1,234 @@
+"""Triton kernels for the fused HRM loss and their launchers.
+
+Notation for one row: student logits z, teacher logits u (V each), label y, a = z/T, b = u/T,
+sm = softmax(z), q = softmax(a), p = softmax(b), lse(x) = log sum_v exp(x_v).
+
+Forward, one pass over the row. Three online log-sum-exps (lse_z, lse_a, lse_b) and one
+running weighted sum give the KL without a second read, because log p - log q = (b - a) -
+(lse_b - lse_a):
+
+    forward KL  = sum_v p_v (b_v - a_v) + lse_a - lse_b,   p_v = exp(b_v - m_b) / s_b
+    reverse KL  = sum_v q_v (a_v - b_v) + lse_b - lse_a,   q_v = exp(a_v - m_a) / s_a
+    CE          = lse_z - (1 - eps) z_y - eps * mean_v z_v
+
+With a running max m and sum s = sum exp(x - m), the weighted sum t = sum exp(x - m) w is
+rescaled by exp(m_old - m_new) exactly like s, and t / s is the expectation at the end.
+
+Backward, one more pass writing, per element, with g the row's incoming gradient:
+
+    dz = g * [sm - eps/V - (1 - eps) [v == y]  +  hrm/T * (q - p)]                    forward
+                                               +  hrm/T * q (log q - log p - KL)       reverse
+    du = g * hrm/T * p (log p - log q - KL)     forward,     g * hrm/T * (p - q)       reverse
+
+Bytes per element (bf16 in, bf16 out): forward reads z and u (4 B); backward reads them again
+and writes dz (6 B; 8 B with du). Per row: a label, 3 lse + KL + loss/ce (28 B).
+
+Masked vocabulary entries (-inf) are legal: a zero probability contributes 0 to every sum
+(guarded with `where`, since 0 * inf is NaN), and a running max that is still -inf is
+replaced by 0 before subtracting it (exp(-inf - -inf) is NaN).
+"""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Widest vocabulary block a program loads at once. The interpreter pays per operation, not per
+# element, so it runs fastest with wide blocks; 16384 still splits V=32003 into several blocks.
+MAX_BLOCK_V = 16384 if INTERPRETED else 4096
+
+
+@triton.jit
+def _online_lse(m, s, x):
+    """Fold block x into the running (max m, sum s = sum exp(x - m)).
+
+    Returns the new m and s, exp(x - m_new) for the block, and the factor exp(m - m_new) that
+    rescales any other sum carried against the same max.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    return m_new, s * alpha + tl.sum(e, axis=0), e, alpha
+
+
+@triton.jit
+def _hrm_loss_fwd_kernel(
+    z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
+    u_ptr, u_sb, u_ss,           # teacher logits (B, S, V), any float dtype
+    y_ptr,                       # labels (N,) int32/int64, N = B * S
+    loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
+    lse_ptr,                     # (N, 3) fp32 out: lse(z), lse(z/T), lse(u/T), saved for backward
+    S, V, hrm, inv_t, eps, ignore_index,
+    REVERSE: tl.constexpr,       # KL(q || p) instead of KL(p || q)
+    SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
+    UNIT_T: tl.constexpr,        # T == 1: a = z, so lse_a = lse_z and q = sm
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
+    y = tl.load(y_ptr + row).to(tl.int64)
+    if y == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(ce_ptr + row, 0.0)
+        tl.store(kl_ptr + row, 0.0)
+        for i in tl.static_range(3):
+            tl.store(lse_ptr + 3 * row + i, 0.0)
+        return
+    z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
+    u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
+    cols = tl.arange(0, BLOCK_V)
+    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)   # a scalar fp32 0 for loop carries
+    m_z, s_z, m_a, s_a, m_b, s_b = zero - float("inf"), zero, zero - float("inf"), zero, \
+        zero - float("inf"), zero
+    t = zero          # sum_v exp(x_v - m) * (x_v - other_v), x = b (forward) or a (reverse)
+    sum_z = zero
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        b = tl.load(u_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        m_z, s_z, e_z, alpha_z = _online_lse(m_z, s_z, z)
+        if UNIT_T:
+            a = z
+            m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
+        else:
+            a = z * inv_t
+            m_a, s_a, e_a, alpha_a = _online_lse(m_a, s_a, a)
+        m_b, s_b, e_b, alpha_b = _online_lse(m_b, s_b, b)
+        if REVERSE:
+            t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
+        else:
+            t = t * alpha_b + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=0)
+        if SMOOTH:
+            sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    lse_z = m_z + tl.log(s_z)
+    lse_a = m_a + tl.log(s_a)
+    lse_b = m_b + tl.log(s_b)
+    if REVERSE:
+        kl = t / s_a + lse_b - lse_a
+    else:
+        kl = t / s_b + lse_a - lse_b
+    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
+
+    # A label outside [0, V) is never dereferenced: its CE is NaN instead.
+    valid = (y >= 0) & (y < V)
+    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
+    ce = lse_z - z_y
+    if SMOOTH:
+        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
+    loss = ce
+    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
+        loss = ce + hrm * kl
+    tl.store(loss_ptr + row, loss)
+    tl.store(ce_ptr + row, ce)
+    tl.store(kl_ptr + row, kl)
+    tl.store(lse_ptr + 3 * row, lse_z)
+    tl.store(lse_ptr + 3 * row + 1, lse_a)
+    tl.store(lse_ptr + 3 * row + 2, lse_b)
+
+
+@triton.jit
+def _hrm_loss_bwd_kernel(
+    z_ptr, z_sb, z_ss,           # student logits (B, S, V)
+    u_ptr, u_sb, u_ss,           # teacher logits (B, S, V)
+    y_ptr,                       # labels (N,)
+    lse_ptr, kl_ptr,             # (N, 3), (N,) fp32 from the forward
+    g_ptr, g_stride,             # incoming gradient of the per-row loss (N,) fp32; stride 0 = scalar
+    dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
+    du_ptr, du_sb, du_ss,        # (B, S, V) out, teacher dtype; unused unless WRITE_DU
+    S, V, hrm, inv_t, eps, ignore_index,
+    REVERSE: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DU: tl.constexpr, UNIT_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # grid = (N, cdiv(V, BLOCK_V)): each program owns one block of one row, so reading z and
+    # writing dz at the same addresses is safe in place.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    r_b, r_s = row // S, row % S
+    y = tl.load(y_ptr + row).to(tl.int64)
+    if y == ignore_index:   # ignored rows store an exact 0 gradient
+        tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols,
+                 tl.zeros([BLOCK_V], tl.float32).to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DU:
+            tl.store(du_ptr + r_b * du_sb + r_s * du_ss + cols,
+                     tl.zeros([BLOCK_V], tl.float32).to(du_ptr.dtype.element_ty), mask=mask)
+        return
+    g = tl.load(g_ptr + row * g_stride).to(tl.float32)
+    lse_z = tl.load(lse_ptr + 3 * row)
+    z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    sm = tl.exp(z - lse_z)
+    dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
+    if HAS_KL:
+        lse_a = tl.load(lse_ptr + 3 * row + 1)
+        lse_b = tl.load(lse_ptr + 3 * row + 2)
+        kl = tl.load(kl_ptr + row)
+        b = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
+                    other=float("-inf")).to(tl.float32) * inv_t
+        if UNIT_T:
+            a = z
+            q = sm
+        else:
+            a = z * inv_t
+            q = tl.exp(a - lse_a)
+        p = tl.exp(b - lse_b)
+        log_ratio = (b - lse_b) - (a - lse_a)   # log p - log q
+        c = hrm * inv_t
+        if REVERSE:
+            dz += c * tl.where(q > 0.0, q * (-log_ratio - kl), 0.0)
+            du = c * (p - q)
+        else:
+            dz += c * (q - p)
+            du = c * tl.where(p > 0.0, p * (log_ratio - kl), 0.0)
+        if WRITE_DU:
+            tl.store(du_ptr + r_b * du_sb + r_s * du_ss + cols,
+                     (g * du).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(v):
+    return min(triton.next_power_of_2(v), MAX_BLOCK_V)
+
+
+def _device_of(x):
+    # Triton launches on the current CUDA device: make it x's (multi-GPU processes).
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
+    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) fp32 and lse (N, 3) fp32."""
+    n, v = labels.numel(), z.shape[-1]
+    loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    lse = torch.empty(n, 3, dtype=torch.float32, device=z.device)
+    if n:
+        with _device_of(z):
+            _hrm_loss_fwd_kernel[(n,)](
+                z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
+                loss, ce, kl, lse, z.shape[1], v, float(hrm), 1.0 / temperature,
+                float(label_smoothing), ignore_index,
+                REVERSE=reverse, SMOOTH=label_smoothing > 0, UNIT_T=temperature == 1.0,
+                BLOCK_V=_block_v(v), num_warps=8)
+    return loss, ce, kl, lse
+
+
+def hrm_loss_bwd(z, u, labels, lse, kl, grad, hrm, temperature, label_smoothing, ignore_index,
+                 reverse, dz, du):
+    """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du.
+
+    grad is (N,) fp32, possibly a stride-0 expansion of a scalar; dz, du are (B, S, V) views
+    (dz may be z itself for an in-place backward).
+    """
+    n, v = labels.numel(), z.shape[-1]
+    if not n:
+        return
+    block = _block_v(v)
+    write_du = du is not None
+    du = du if write_du else dz
+    with _device_of(z):
+        _hrm_loss_bwd_kernel[(n, triton.cdiv(v, block))](
+            z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, lse, kl,
+            grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
+            z.shape[1], v, float(hrm), 1.0 / temperature, float(label_smoothing), ignore_index,
+            REVERSE=reverse, HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0,
+            BLOCK_V=block, num_warps=8)

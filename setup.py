@@ -1,0 +1,4 @@
+"""Build script: the pure-Python package (configured in pyproject.toml)."""
+from setuptools import setup
+
+setup()
