@@ -15,11 +15,11 @@ class HRMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, hrm, temperature, label_smoothing,
                 ignore_index, reverse, impl, inplace_backward):
-        labels = labels.reshape(-1)
-        loss, ce, kl, lse = impl.hrm_loss_fwd(rows_view(student_logits), rows_view(teacher_logits),
+        labels = labels.reshape(-1).contiguous()   # kernels read labels densely: (N,), stride 1
+        loss, ce, kl, stats = impl.hrm_loss_fwd(rows_view(student_logits), rows_view(teacher_logits),
                                               labels, hrm, temperature, label_smoothing,
                                               ignore_index, reverse)
-        ctx.save_for_backward(student_logits, teacher_logits, labels, lse, kl)
+        ctx.save_for_backward(student_logits, teacher_logits, labels, stats)
         ctx.options = (hrm, temperature, label_smoothing, ignore_index, reverse)
         ctx.impl, ctx.inplace_backward = impl, inplace_backward
         ctx.mark_non_differentiable(ce, kl)
@@ -27,12 +27,12 @@ class HRMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        student_logits, teacher_logits, labels, lse, kl = ctx.saved_tensors
+        student_logits, teacher_logits, labels, stats = ctx.saved_tensors
         z, u = rows_view(student_logits), rows_view(teacher_logits)
         # inplace_backward: the gradient overwrites the logits it is computed from, element by
         # element in the same pass (the caller promised not to need them afterwards).
         dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1] else None
-        ctx.impl.hrm_loss_bwd(z, u, labels, lse, kl, grad_loss.reshape(-1), *ctx.options, dz, du)
+        ctx.impl.hrm_loss_bwd(z, u, labels, stats, grad_loss.reshape(-1), *ctx.options, dz, du)
         du = du.reshape(teacher_logits.shape) if du is not None else None
         return dz.reshape(student_logits.shape), du, *(None,) * 8

@@ -32,8 +32,9 @@ def _check_labels(labels, ignore_index, v):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if bad.any():  # sync-ok: CPU tensor
+        first = bad.nonzero()[0, 0]
         raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index={ignore_index}; "
-                         f"found {labels[bad][0]} at position {bad.nonzero()[0].tolist()}")
+                         f"found {labels[first]} at flat position {first}")
 
 
 def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
@@ -43,30 +44,30 @@ def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, 
     dtype, eps = _compute_dtype(z, u), float(label_smoothing)
     n = labels.numel()
     ce, kl = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(2))
-    lse = torch.empty(n, 3, dtype=dtype, device=z.device)
+    stats = torch.empty(n, 4, dtype=dtype, device=z.device)
     for r0, r1, zc, uc, *_ in _chunks(z, u):
         y = labels[r0:r1].long()
         valid = (y >= 0) & (y < v)
         zc, uc = zc.to(dtype), uc.to(dtype)
         a, b = zc / temperature, uc / temperature
         lse_z, lse_a, lse_b = (torch.logsumexp(x, -1) for x in (zc, a, b))
-        log_q, log_p = a - lse_a[:, None], b - lse_b[:, None]
-        if reverse:
-            log_p, log_q = log_q, log_p
-        p = log_p.exp()
-        kl_c = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1).clamp_min(0)
+        # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see triton_kernels.py)
+        w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if reverse else \
+            ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
+        mu = (w * torch.where(w > 0, d, 0.0)).sum(-1)
+        kl_c = (mu + lse_d).clamp_min(0)
         z_y = zc.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
         z_y = torch.where(valid, z_y, torch.nan)
         ce_c = lse_z - z_y if eps == 0 else lse_z - (1 - eps) * z_y - eps * zc.mean(-1)
         keep = y != ignore_index
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
         kl[r0:r1] = torch.where(keep, kl_c, 0.0)
-        lse[r0:r1] = torch.stack((lse_z, lse_a, lse_b), 1)
+        stats[r0:r1] = torch.stack((lse_z, lse_a, lse_b, mu), 1)
     loss = ce + hrm * kl if hrm > 0 else ce.clone()
-    return loss, ce, kl, lse
+    return loss, ce, kl, stats
 
 
-def hrm_loss_bwd(z, u, labels, lse, kl, grad, hrm, temperature, label_smoothing, ignore_index,
+def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
                  reverse, dz, du):
     """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du."""
     v = z.shape[-1]
@@ -74,22 +75,20 @@ def hrm_loss_bwd(z, u, labels, lse, kl, grad, hrm, temperature, label_smoothing,
     for r0, r1, zc, uc, b_idx, s0, s1 in _chunks(z, u):
         y = labels[r0:r1].long()
         g = torch.where(y != ignore_index, grad[r0:r1].to(dtype), 0.0)[:, None]
-        lse_z, lse_a, lse_b = (lse[r0:r1, i, None].to(dtype) for i in range(3))
+        lse_z, lse_a, lse_b, mu = (stats[r0:r1, i, None].to(dtype) for i in range(4))
         zc = zc.to(dtype)
         d_z = (zc - lse_z).exp_().sub_(eps / v)
-        d_z.scatter_add_(1, y.clamp(0, v - 1)[:, None],
-                         torch.where((y >= 0) & (y < v), eps - 1.0, 0.0)[:, None].to(dtype))
+        valid = ((y >= 0) & (y < v)).to(dtype)[:, None]
+        d_z.scatter_add_(1, y.clamp(0, v - 1)[:, None], valid * (eps - 1))   # -(1 - eps) at y
         if hrm > 0:
             a, b = zc / temperature, uc.to(dtype) / temperature
-            log_q, log_p = a - lse_a, b - lse_b
-            q, p = log_q.exp(), log_p.exp()
-            kl_c = kl[r0:r1, None].to(dtype)
+            q, p = (a - lse_a).exp(), (b - lse_b).exp()
             if reverse:
-                d_z += c * torch.where(q > 0, q * (log_q - log_p - kl_c), 0.0)
+                d_z += c * torch.where(q > 0, q * ((a - b) - mu), 0.0)
                 d_u = c * (p - q)
             else:
                 d_z += c * (q - p)
-                d_u = c * torch.where(p > 0, p * (log_p - log_q - kl_c), 0.0)
+                d_u = c * torch.where(p > 0, p * ((b - a) - mu), 0.0)
             if du is not None:
                 du[b_idx, s0:s1] = d_u * g
         elif du is not None:

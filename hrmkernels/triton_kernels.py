@@ -20,8 +20,12 @@ Backward, one more pass writing, per element, with g the row's incoming gradient
                                                +  hrm/T * q (log q - log p - KL)       reverse
     du = g * hrm/T * p (log p - log q - KL)     forward,     g * hrm/T * (p - q)       reverse
 
+The log-sum-exps cancel from log p - log q - KL = (b - a) - mu with mu = E_p[b - a] (forward;
+reverse: log q - log p - KL = (a - b) - E_q[a - b]). The forward saves mu = t / s, not KL: at
+logits of magnitude 1e4 the lse terms are ~1e4 and would cost three digits in fp32.
+
 Bytes per element (bf16 in, bf16 out): forward reads z and u (4 B); backward reads them again
-and writes dz (6 B; 8 B with du). Per row: a label, 3 lse + KL + loss/ce (28 B).
+and writes dz (6 B; 8 B with du). Per row: a label, loss/ce/kl and 4 saved statistics (28 B).
 
 Masked vocabulary entries (-inf) are legal: a zero probability contributes 0 to every sum
 (guarded with `where`, since 0 * inf is NaN), and a running max that is still -inf is
@@ -60,7 +64,7 @@ def _hrm_loss_fwd_kernel(
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V), any float dtype
     y_ptr,                       # labels (N,) int32/int64, N = B * S
     loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
-    lse_ptr,                     # (N, 3) fp32 out: lse(z), lse(z/T), lse(u/T), saved for backward
+    stats_ptr,                   # (N, 4) fp32 out, for backward: lse(z), lse(z/T), lse(u/T), mu
     S, V, hrm, inv_t, eps, ignore_index,
     REVERSE: tl.constexpr,       # KL(q || p) instead of KL(p || q)
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
@@ -73,8 +77,8 @@ def _hrm_loss_fwd_kernel(
         tl.store(loss_ptr + row, 0.0)
         tl.store(ce_ptr + row, 0.0)
         tl.store(kl_ptr + row, 0.0)
-        for i in tl.static_range(3):
-            tl.store(lse_ptr + 3 * row + i, 0.0)
+        for i in tl.static_range(4):
+            tl.store(stats_ptr + 4 * row + i, 0.0)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
@@ -106,9 +110,11 @@ def _hrm_loss_fwd_kernel(
     lse_a = m_a + tl.log(s_a)
     lse_b = m_b + tl.log(s_b)
     if REVERSE:
-        kl = t / s_a + lse_b - lse_a
+        mu = t / s_a
+        kl = mu + lse_b - lse_a
     else:
-        kl = t / s_b + lse_a - lse_b
+        mu = t / s_b
+        kl = mu + lse_a - lse_b
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
 
     # A label outside [0, V) is never dereferenced: its CE is NaN instead.
@@ -123,9 +129,10 @@ def _hrm_loss_fwd_kernel(
     tl.store(loss_ptr + row, loss)
     tl.store(ce_ptr + row, ce)
     tl.store(kl_ptr + row, kl)
-    tl.store(lse_ptr + 3 * row, lse_z)
-    tl.store(lse_ptr + 3 * row + 1, lse_a)
-    tl.store(lse_ptr + 3 * row + 2, lse_b)
+    tl.store(stats_ptr + 4 * row, lse_z)
+    tl.store(stats_ptr + 4 * row + 1, lse_a)
+    tl.store(stats_ptr + 4 * row + 2, lse_b)
+    tl.store(stats_ptr + 4 * row + 3, mu)
 
 
 @triton.jit
@@ -133,7 +140,7 @@ def _hrm_loss_bwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V)
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V)
     y_ptr,                       # labels (N,)
-    lse_ptr, kl_ptr,             # (N, 3), (N,) fp32 from the forward
+    stats_ptr,                   # (N, 4) fp32 from the forward: lse(z), lse(z/T), lse(u/T), mu
     g_ptr, g_stride,             # incoming gradient of the per-row loss (N,) fp32; stride 0 = scalar
     dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
     du_ptr, du_sb, du_ss,        # (B, S, V) out, teacher dtype; unused unless WRITE_DU
@@ -156,14 +163,14 @@ def _hrm_loss_bwd_kernel(
                      tl.zeros([BLOCK_V], tl.float32).to(du_ptr.dtype.element_ty), mask=mask)
         return
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-    lse_z = tl.load(lse_ptr + 3 * row)
+    lse_z = tl.load(stats_ptr + 4 * row)
     z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask, other=float("-inf")).to(tl.float32)
     sm = tl.exp(z - lse_z)
     dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
     if HAS_KL:
-        lse_a = tl.load(lse_ptr + 3 * row + 1)
-        lse_b = tl.load(lse_ptr + 3 * row + 2)
-        kl = tl.load(kl_ptr + row)
+        lse_a = tl.load(stats_ptr + 4 * row + 1)
+        lse_b = tl.load(stats_ptr + 4 * row + 2)
+        mu = tl.load(stats_ptr + 4 * row + 3)
         b = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
                     other=float("-inf")).to(tl.float32) * inv_t
         if UNIT_T:
@@ -173,17 +180,18 @@ def _hrm_loss_bwd_kernel(
             a = z * inv_t
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
-        log_ratio = (b - lse_b) - (a - lse_a)   # log p - log q
         c = hrm * inv_t
         if REVERSE:
-            dz += c * tl.where(q > 0.0, q * (-log_ratio - kl), 0.0)
+            dz += c * tl.where(q > 0.0, q * ((a - b) - mu), 0.0)
             du = c * (p - q)
         else:
             dz += c * (q - p)
-            du = c * tl.where(p > 0.0, p * (log_ratio - kl), 0.0)
-        if WRITE_DU:
-            tl.store(du_ptr + r_b * du_sb + r_s * du_ss + cols,
-                     (g * du).to(du_ptr.dtype.element_ty), mask=mask)
+            du = c * tl.where(p > 0.0, p * ((b - a) - mu), 0.0)
+    else:
+        du = tl.zeros([BLOCK_V], tl.float32)   # hrm == 0: the teacher gets an exact zero gradient
+    if WRITE_DU:
+        tl.store(du_ptr + r_b * du_sb + r_s * du_ss + cols, (g * du).to(du_ptr.dtype.element_ty),
+                 mask=mask)
     tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -197,22 +205,22 @@ def _device_of(x):
 
 
 def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) fp32 and lse (N, 3) fp32."""
+    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) and stats (N, 4), fp32."""
     n, v = labels.numel(), z.shape[-1]
     loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
-    lse = torch.empty(n, 3, dtype=torch.float32, device=z.device)
+    stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     if n:
         with _device_of(z):
             _hrm_loss_fwd_kernel[(n,)](
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
-                loss, ce, kl, lse, z.shape[1], v, float(hrm), 1.0 / temperature,
+                loss, ce, kl, stats, z.shape[1], v, float(hrm), 1.0 / temperature,
                 float(label_smoothing), ignore_index,
                 REVERSE=reverse, SMOOTH=label_smoothing > 0, UNIT_T=temperature == 1.0,
                 BLOCK_V=_block_v(v), num_warps=8)
-    return loss, ce, kl, lse
+    return loss, ce, kl, stats
 
 
-def hrm_loss_bwd(z, u, labels, lse, kl, grad, hrm, temperature, label_smoothing, ignore_index,
+def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
                  reverse, dz, du):
     """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du.
 
@@ -227,7 +235,7 @@ def hrm_loss_bwd(z, u, labels, lse, kl, grad, hrm, temperature, label_smoothing,
     du = du if write_du else dz
     with _device_of(z):
         _hrm_loss_bwd_kernel[(n, triton.cdiv(v, block))](
-            z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, lse, kl,
+            z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
             grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
             z.shape[1], v, float(hrm), 1.0 / temperature, float(label_smoothing), ignore_index,
             REVERSE=reverse, HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0,

@@ -1,0 +1,105 @@
+"""The public API: bad input (DESIGN.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
+import os
+
+import pytest
+import torch
+
+import hrmkernels
+from hrmkernels import FusedHRMLoss, HRMLoss, available_backends, fused_hrm_loss
+
+from conftest import DEVICE
+
+
+def _inputs(n=4, v=10):
+    return (torch.randn(n, v, device=DEVICE), torch.randn(n, v, device=DEVICE),
+            torch.randint(0, v, (n,), device=DEVICE))
+
+
+BAD = [
+    # (what changes, exception, words the message must contain)
+    (dict(student_logits=[1.0]), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(student_logits=torch.zeros(4, 10, dtype=torch.long)), TypeError, "student_logits must be float"),
+    (dict(teacher_logits=torch.zeros(4, 10, dtype=torch.int32)), TypeError, "teacher_logits must be float"),
+    (dict(labels=torch.zeros(4)), TypeError, "labels must be int64 or int32"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape (4,)"),
+    (dict(teacher_logits=torch.zeros(4, 12)), ValueError, "teacher_logits[..., :10]"),
+    (dict(teacher_logits=torch.zeros(4, 8)), ValueError, "V=8 but student_logits has V=10"),
+    (dict(teacher_logits=torch.zeros(3, 10)), ValueError, "teacher_logits leading shape"),
+    (dict(student_logits=torch.zeros(4, 0), teacher_logits=torch.zeros(4, 0)), ValueError, "V >= 1"),
+    (dict(hrm=-0.1), ValueError, "hrm must be a finite float >= 0"),
+    (dict(hrm=float("nan")), ValueError, "hrm must not be NaN"),
+    (dict(hrm="0.5"), TypeError, "hrm must be a Python float"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite float > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite float > 0"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing must lie in [0, 1]"),
+    (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+    (dict(kl_direction="backward"), ValueError, "kl_direction must be one of"),
+    (dict(backend="cutlass"), ValueError, "backend must be one of"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
+    (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be an int or a 0-d"),
+]
+
+
+@pytest.mark.parametrize("change,exc,words", BAD, ids=[str(list(b[0]))[:40] + str(i) for i, b in enumerate(BAD)])
+def test_hrm_loss_bad_input_raises_naming_the_argument(change, exc, words):
+    z, u, y = _inputs()
+    args = dict(student_logits=z, teacher_logits=u, labels=y, hrm=0.5)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) and k != "num_items_in_batch" else v
+                 for k, v in change.items()})
+    with pytest.raises(exc) as info:
+        fused_hrm_loss(**args)
+    assert words in str(info.value)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs two devices")
+def test_hrm_loss_different_devices():
+    z, u, y = _inputs()
+    with pytest.raises(ValueError, match="teacher_logits is on cpu"):
+        fused_hrm_loss(z, u.cpu(), y, 0.5)
+
+
+def test_hrm_loss_unavailable_backend_says_why():
+    z, u, y = _inputs()
+    with pytest.raises(ValueError, match="backend='cuda' is not available"):
+        fused_hrm_loss(z.cpu(), u.cpu(), y.cpu(), 0.5, backend="cuda")
+
+
+def test_available_backends():
+    names = available_backends(DEVICE)
+    assert "torch" in names and set(names) <= {"torch", "triton", "cuda"}
+    if DEVICE.type == "cpu":
+        assert names[0] == "torch"   # auto: the interpreter is for tests, not speed
+        assert ("triton" in names) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert available_backends() == available_backends(DEVICE)
+
+
+def test_hrm_loss_auto_backend_runs():
+    z, u, y = _inputs()
+    torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5),
+                               fused_hrm_loss(z, u, y, 0.5, backend=available_backends(DEVICE)[0]))
+
+
+def test_fused_hrm_loss_module_matches_functional():
+    z, u, y = _inputs(v=33)
+    kw = dict(temperature=2.0, label_smoothing=0.1, kl_direction="reverse", reduction="sum")
+    module = FusedHRMLoss(0.5, return_components=True, **kw)
+    out = module(z, u, y, num_items_in_batch=3)
+    assert isinstance(out, HRMLoss) and not out.ce.requires_grad
+    torch.testing.assert_close(out.loss, fused_hrm_loss(z, u, y, 0.5, **kw))
+    assert "hrm=0.5" in repr(module) and "reverse" in repr(module)
+    with pytest.raises(ValueError, match="temperature"):
+        FusedHRMLoss(0.5, temperature=-1.0)
+
+
+def test_hrm_loss_components_are_detached_and_consistent():
+    z, u, y = _inputs(v=17)
+    z.requires_grad_()
+    loss, ce, kl = fused_hrm_loss(z, u, y, 0.25, return_components=True)
+    assert loss.requires_grad and not ce.requires_grad and not kl.requires_grad
+    torch.testing.assert_close(loss.detach(), ce + 0.25 * kl)
+
+
+def test_public_api_is_exactly_the_design():
+    assert set(hrmkernels.__all__) == {"FusedHRMLoss", "HRMLoss", "available_backends", "fused_hrm_loss"}
