@@ -1,0 +1,87 @@
+// Plain launchers for the fused HRM loss kernels (hrm_loss_kernels.cu): raw pointers, sizes,
+// element strides and a cudaStream_t. No torch headers, so that the kernels compile with nvcc
+// alone; the torch binding (hrm_loss.cpp) validates tensors and fills these structs.
+//
+// Logits arrive as (B, S, V) row views with a unit last stride: row r = b * S + s starts at
+// ptr + b * stride_b + s * stride_s (element strides, int64).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace hrmkernels {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct RowsView {
+  const void* ptr;              // (B, S, V), dtype below, unit last stride
+  int64_t stride_b, stride_s;   // element strides of dimensions 0 and 1
+  DType dtype;
+};
+
+struct HrmLossOptions {
+  float hrm;                    // weight of the KL term, >= 0; 0 drops the term
+  float temperature;            // > 0; only the KL term sees it
+  float label_smoothing;        // eps in [0, 1]
+  int64_t ignore_index;         // rows with this label contribute 0 and get a 0 gradient
+  bool reverse;                 // KL(q || p) instead of KL(p || q)
+};
+
+struct HrmLossFwdArgs {
+  RowsView z, u;                // student and teacher logits, same (B, S, V)
+  const void* labels;           // (N,), N = B * S; int64 if labels_int64 else int32
+  int64_t labels_stride;        // element stride of labels
+  bool labels_int64;
+  float* loss;                  // (N,) out: CE + hrm * KL (0 at ignored rows)
+  float* ce;                    // (N,) out
+  float* kl;                    // (N,) out
+  float* stats;                 // (N, 4) out, contiguous, for the backward:
+                                //   lse(z), lse(z / T), lse(u / T), mu (see hrm_loss_kernels.cu)
+  int64_t B, S, V;
+  HrmLossOptions opt;
+};
+
+struct HrmLossBwdArgs {
+  RowsView z, u;                // as in the forward
+  const void* labels;
+  int64_t labels_stride;
+  bool labels_int64;
+  const float* stats;           // (N, 4) contiguous, from the forward
+  const float* grad;            // (N,) fp32: d(total loss) / d(loss_r); grad_stride may be 0
+  int64_t grad_stride;
+  void* dz;                     // (B, S, V) out, z's dtype, unit last stride; may alias z
+  int64_t dz_stride_b, dz_stride_s;
+  void* du;                     // (B, S, V) out, u's dtype, or nullptr: no teacher gradient
+  int64_t du_stride_b, du_stride_s;
+  int64_t B, S, V;
+  HrmLossOptions opt;
+};
+
+// Forward and backward together, for callers that know each row's gradient up front (e.g. the
+// loss is the final objective): the forward's outputs as in HrmLossFwdArgs, plus the gradients.
+struct HrmLossFwdBwdArgs {
+  HrmLossFwdArgs fwd;           // inputs, and the forward's outputs (loss, ce, kl, stats)
+  const float* grad;            // (N,) fp32: d(total loss) / d(loss_r); grad_stride may be 0
+  int64_t grad_stride;
+  void* dz;                     // (B, S, V) out, z's dtype, unit last stride; may alias z
+  int64_t dz_stride_b, dz_stride_s;
+  void* du;                     // (B, S, V) out, u's dtype, or nullptr: no teacher gradient
+  int64_t du_stride_b, du_stride_s;
+};
+
+// All return cudaSuccess or the launch error (cudaErrorInvalidValue for sizes beyond the grid
+// limits); they never synchronise. N = B * S = 0 launches nothing.
+cudaError_t hrm_loss_fwd_launch(const HrmLossFwdArgs& args, cudaStream_t stream);
+cudaError_t hrm_loss_bwd_launch(const HrmLossBwdArgs& args, cudaStream_t stream);
+
+// One launch where a thread-block cluster can hold whole rows of z and u on chip (sm_90+,
+// hrm_loss_cluster.cu): each input is read once and each gradient written once. Elsewhere, the
+// forward then the backward kernel (the same results).
+cudaError_t hrm_loss_fwd_bwd_launch(const HrmLossFwdBwdArgs& args, cudaStream_t stream);
+
+// The cluster size (CTAs per row) hrm_loss_fwd_bwd_launch uses for these arguments on the
+// current device, or 0 where it falls back to two kernels.
+int hrm_loss_fwd_bwd_cluster_size(const HrmLossFwdBwdArgs& args);
+
+}  // namespace hrmkernels

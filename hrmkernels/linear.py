@@ -1,0 +1,268 @@
+"""fused_linear_hrm_loss / FusedLinearHRMLoss: the HRM loss from hidden states and LM heads.
+
+The loss of fused_hrm_loss on the logits ``hidden @ weight.T + bias`` of student and teacher,
+without materialising the N x V logits: impl="chunked" (stage 1) bounds them to a chunk of
+tokens, impl="fused" (stage 2, Triton) keeps them on chip. See linear_autograd.py.
+"""
+from numbers import Integral
+
+import torch
+
+from hrmkernels import backends
+from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
+                                check_options)
+from hrmkernels.functional import HRMLoss
+from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
+
+IMPLS = ("chunked", "fused")
+DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _same_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}; "
+                         "all tensors must share one device")
+
+
+def _check_head(who, hidden, weight, bias, device, lead):
+    """Shapes (..., H), (V, H), (V,); one float dtype for hidden and weight (and bias); device."""
+    h, w, b = f"{who}_hidden", f"{who}_weight", f"{who}_bias"
+    _tensor(h, hidden)
+    _tensor(w, weight)
+    for name, t in ((h, hidden), (w, weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        _same_device(name, t, device)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"{h} must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
+    if lead is not None and hidden.shape[:-1] != lead:
+        raise ValueError(f"{h} leading shape {tuple(hidden.shape[:-1])} must equal student_hidden "
+                         f"leading shape {tuple(lead)}")
+    size = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != size or weight.shape[0] == 0:
+        raise ValueError(f"{w} must have shape (V, H) with H={size} (the last dimension of {h}) "
+                         f"and V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w} is {weight.dtype} but {h} is {hidden.dtype}: the matmul needs one "
+                        "dtype (cast one of them)")
+    if bias is not None:
+        _tensor(b, bias)
+        _same_device(b, bias, device)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{b} must have shape (V,) = ({weight.shape[0]},) to match {w}, "
+                             f"got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{b} must have the dtype of {w} ({weight.dtype}), got {bias.dtype}")
+
+
+def _v_mismatch(name, vt, v, view):
+    msg = f"{name} has V={vt} but student_weight has V={v}: the vocabularies must match"
+    if vt > v:
+        msg += f"; for a padded teacher vocabulary pass {view.format(v=v)} (a view, no copy)"
+    return ValueError(msg)
+
+
+def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits, labels):
+    """Validate the tensors of fused_linear_hrm_loss; every message names the argument."""
+    _tensor("student_hidden", student_hidden)
+    device = student_hidden.device
+    _check_head("student", student_hidden, student_weight, student_bias, device, None)
+    lead, v = student_hidden.shape[:-1], student_weight.shape[0]
+    if teacher_logits is not None:
+        given = [n for n, t in (("teacher_hidden", teacher_hidden),
+                                ("teacher_weight", teacher_weight),
+                                ("teacher_bias", teacher_bias)) if t is not None]
+        if given:
+            raise ValueError(f"pass either teacher_hidden and teacher_weight, or teacher_logits, "
+                             f"not both (got teacher_logits and {', '.join(given)})")
+        _tensor("teacher_logits", teacher_logits)
+        if teacher_logits.dtype not in FLOAT_DTYPES:
+            raise TypeError("teacher_logits must be float32, bfloat16, float16 or float64, "
+                            f"got {teacher_logits.dtype}")
+        _same_device("teacher_logits", teacher_logits, device)
+        if teacher_logits.dim() < 1 or teacher_logits.shape[-1] != v:
+            raise _v_mismatch("teacher_logits", teacher_logits.shape[-1] if teacher_logits.dim()
+                              else 0, v, "teacher_logits[..., :{v}]")
+        if teacher_logits.shape[:-1] != lead:
+            raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} "
+                             f"must equal student_hidden leading shape {tuple(lead)}")
+    elif teacher_hidden is None or teacher_weight is None:
+        missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+        raise ValueError(f"{missing} is None: pass teacher_hidden and teacher_weight, or "
+                         "teacher_logits=")
+    else:
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, device, lead)
+        if teacher_weight.shape[0] != v:
+            raise _v_mismatch("teacher_weight", teacher_weight.shape[0], v, "teacher_weight[:{v}]")
+    _tensor("labels", labels)
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    _same_device("labels", labels, device)
+    if labels.shape != lead:
+        raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its last "
+                         f"dimension), got {tuple(labels.shape)}")
+
+
+def check_linear_options(impl, chunk_budget_bytes, backend):
+    _choice("impl", impl, IMPLS)
+    if chunk_budget_bytes is not None and (isinstance(chunk_budget_bytes, bool) or not isinstance(
+            chunk_budget_bytes, Integral) or chunk_budget_bytes <= 0):
+        raise ValueError("chunk_budget_bytes must be a positive int or None, "
+                         f"got {chunk_budget_bytes!r}")
+    if impl == "fused" and backend not in ("auto", "triton"):
+        raise ValueError(f"impl='fused' is the Triton kernel: backend must be 'auto' or 'triton', "
+                         f"got {backend!r}")
+
+
+def _fused_kernels(device):
+    why = backends._why_unavailable("triton", device)
+    if why:
+        raise ValueError(f"impl='fused' is not available for {device} tensors: {why}")
+    from hrmkernels import triton_linear_kernels
+    return triton_linear_kernels
+
+
+def _autocast(tensors):
+    """Under torch.autocast, the dtype F.linear would compute in; else the tensors unchanged.
+
+    Mixed precision keeps fp32 weights and bf16 activations; F.linear casts both for the matmul,
+    and so does this (the cast is differentiable: fp32 weights get fp32 gradients).
+    """
+    hidden = tensors[0]
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in tensors]
+
+
+def _rows(t, size):
+    """(N, size) view (a copy only when the layout needs one) with a unit last stride."""
+    t = t.reshape(-1, size)
+    return t if t.stride(-1) == 1 or size == 1 else t.contiguous()
+
+
+def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                          hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
+                          temperature=1.0, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, kl_direction="forward", num_items_in_batch=None,
+                          backend="auto", return_components=False, inplace_backward=False,
+                          impl="chunked", chunk_budget_bytes=None):
+    """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
+
+    Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
+    ``student_hidden @ student_weight.T + student_bias`` and the teacher's likewise.
+
+    Args:
+        student_hidden: (..., Hs) float; student_weight: (V, Hs) same dtype; student_bias: (V,).
+        teacher_hidden: (..., Ht), same leading shape (Ht may differ from Hs);
+            teacher_weight: (V, Ht), the same V (a padded teacher vocabulary is passed as the
+            view ``teacher_weight[:V]``); teacher_bias: (V,). Pass both as None and
+            ``teacher_logits=`` (..., V) to use precomputed teacher logits instead.
+        labels: (...) int64/int32, the leading shape of student_hidden.
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
+            num_items_in_batch, return_components: as in fused_hrm_loss.
+        backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
+            "cuda", "torch"); impl="fused" takes only "auto" or "triton".
+        inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
+            since the chunk logits are always overwritten by their gradient.
+        impl: "chunked" (default, any device: torch GEMMs on token chunks with the fused loss
+            launchers) or "fused" (Triton; logit tiles stay on chip, nothing N x V is written).
+            "chunked" stays the default until a GPU benchmark shows "fused" is faster.
+        chunk_budget_bytes: upper bound on impl="chunked"'s per-chunk temporaries (default
+            1 GiB). The fp32 weight-gradient accumulator (V x H x 4 bytes) comes on top.
+
+    Gradients reach the student hidden, weight and bias, and the teacher tensors that require
+    them. Logits are formed in fp32 (never rounded to bf16, cf. Liger #1432) and the weight
+    gradient accumulates in fp32. Under torch.autocast, hidden states, weights and biases are
+    cast to autocast's dtype first, as F.linear would. No path synchronises the host.
+    """
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+     teacher_bias) = _autocast([student_hidden, student_weight, student_bias, teacher_hidden,
+                                teacher_weight, teacher_bias])
+    check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits, labels)
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend)
+    check_linear_options(impl, chunk_budget_bytes, backend)
+    device = student_hidden.device
+    check_num_items(num_items_in_batch, device)
+    v = student_weight.shape[0]
+    heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
+    if teacher_logits is None:
+        heads += [_rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
+                  None]
+    else:
+        heads += [None, None, None, _rows(teacher_logits, v)]
+    y = labels.reshape(-1).contiguous()   # the kernels read labels densely
+    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index),
+               kl_direction == "reverse", bool(return_components))
+    denom = None
+    if reduction == "mean":
+        if num_items_in_batch is None:
+            denom = (labels != ignore_index).sum().clamp_min(1)
+        elif isinstance(num_items_in_batch, torch.Tensor):
+            denom = num_items_in_batch.clamp_min(1)
+        else:
+            denom = max(int(num_items_in_batch), 1)
+    elif reduction == "sum":
+        denom = 1
+    grad_enabled = torch.is_grad_enabled()
+    if impl == "chunked":
+        budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
+        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options,
+                                             backends.resolve(backend, device), budget,
+                                             grad_enabled)
+    else:
+        kernels = _fused_kernels(device)
+        # The kernels address weights by row stride and biases densely.
+        heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
+        heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
+        out = FusedLinearHRMFunction.apply(*heads, y, options, kernels)
+        if denom is not None:
+            out = [t.sum() / denom for t in out]
+    if reduction == "none":
+        out = [t.view(labels.shape) for t in out]
+    loss, ce, kl = out
+    return HRMLoss(loss, ce.detach(), kl.detach()) if return_components else loss
+
+
+class FusedLinearHRMLoss(torch.nn.Module):
+    """fused_linear_hrm_loss as a module; the keywords are fixed at construction.
+
+    Example::
+
+        loss_fn = FusedLinearHRMLoss(hrm=0.5, temperature=2.0)
+        loss = loss_fn(student_hidden, student.lm_head.weight,
+                       teacher_hidden, teacher.lm_head.weight[:V], labels)
+    """
+
+    def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, kl_direction="forward", backend="auto",
+                 return_components=False, impl="chunked", chunk_budget_bytes=None):
+        super().__init__()
+        check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
+                      backend)
+        check_linear_options(impl, chunk_budget_bytes, backend)
+        self.options = dict(temperature=temperature, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=label_smoothing,
+                            kl_direction=kl_direction, backend=backend,
+                            return_components=return_components, impl=impl,
+                            chunk_budget_bytes=chunk_budget_bytes)
+        self.hrm = hrm
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                student_bias=None, teacher_bias=None, teacher_logits=None,
+                num_items_in_batch=None):
+        return fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden,
+                                     teacher_weight, labels, self.hrm, student_bias=student_bias,
+                                     teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                                     num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self):
+        return f"hrm={self.hrm}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,260 @@
+"""Autograd Functions of the fused linear HRM loss: stage 1 (chunked) and stage 2 (fused Triton).
+
+Both take the heads as 2-D tensors: student hidden xs (N, Hs), weight ws (V, Hs), bias bs (V,)
+or None; teacher xt (N, Ht), wt (V, Ht), bt (V,) or None, or instead precomputed teacher
+logits u (N, V) (then xt = wt = bt = None); labels (N,). `options` is the tuple
+(hrm, temperature, label_smoothing, ignore_index, reverse, with_kl): with_kl asks for the KL
+component even at hrm == 0, where the teacher is otherwise never computed.
+
+Stage 1 (ChunkedLinearHRMFunction). Token chunks of `rows` rows: logits = x @ W^T (+ b) with
+torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the head gradients
+
+    d x = dz W,    d W += dz^T x,    d b += sum_rows dz
+
+with dz written by the backward launcher over the chunk's own logits (in place). Precision:
+the chunk logits are fp32, the GEMM's fp32 accumulator unrounded. Liger's fused linear JSD
+rounds the bf16 GEMM output to bf16 first (Liger #1432: 4-23% gradient error; a logit of 20 in
+bf16 is off by up to 0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk
+logit, which chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=),
+probed once; a torch without it falls back to bf16-rounded logits. dz is rounded once to the
+weight's dtype for the two gradient GEMMs (as autograd through a bf16 lm_head would), and d W
+accumulates across chunks in fp32 (Liger #512/#827: bf16 accumulation diverges), rounded to the
+weight's dtype at the end.
+
+For reduction "mean"/"sum" the per-row gradient is known in the forward (1 / denominator, a
+device tensor: no host sync), so the gradients are formed there and the backward only scales
+them by grad_output (Liger's scheme: one GEMM fewer than recomputing). For "none" it is not:
+the forward computes the per-row losses only and the backward recomputes the chunk logits.
+"""
+import functools
+
+import torch
+
+
+@functools.cache
+def _fp32_out_gemm(device_type, dtype):
+    """Whether torch.mm/addmm take out_dtype=float32 for `dtype` operands here (CUDA, recent torch).
+
+    Probed once per (device type, dtype) on a 16 x 16 product; a missing kernel raises at dispatch,
+    on the host, so the probe never waits for the device.
+    """
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.zeros(16, 16, dtype=dtype, device=device_type)
+        c = torch.zeros(16, 16, dtype=torch.float32, device=device_type)
+        torch.mm(a, a, out_dtype=torch.float32)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def acc_dtype(dtype):
+    """The dtype chunk logits and accumulators use: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(x, w, b):
+    """x @ w^T (+ b) as an acc_dtype tensor: the GEMM's fp32 accumulator, never rounded to bf16."""
+    acc = acc_dtype(x.dtype)
+    if x.dtype == acc:
+        z = x @ w.T
+    elif _fp32_out_gemm(x.device.type, x.dtype):
+        z = torch.mm(x, w.T, out_dtype=acc)
+    elif x.device.type == "cpu":   # no mixed-dtype GEMM: fp32 copies (w's per chunk; CPU is tests)
+        z = x.to(acc) @ w.to(acc).T
+    else:   # a torch without out_dtype GEMMs: logits rounded once to bf16 (Liger #1432's error)
+        z = (x @ w.T).to(acc)
+    return z.add_(b) if b is not None else z
+
+
+def _add_weight_grad(gw, d, x):
+    """gw += d^T @ x into the fp32 (acc_dtype) accumulator gw; d and x in the weight's dtype."""
+    if d.dtype == gw.dtype:
+        gw.addmm_(d.T, x)
+    elif _fp32_out_gemm(d.device.type, d.dtype):
+        torch.addmm(gw, d.T, x, out_dtype=gw.dtype, out=gw)
+    elif d.device.type == "cpu":
+        gw.addmm_(d.T.to(gw.dtype), x.to(gw.dtype))
+    else:   # no out_dtype GEMM: each chunk's share is rounded once; the sum stays in fp32
+        gw.add_(d.T @ x)
+
+
+def chunk_rows(n, v, budget, xs, ws, xt, u, teacher_grad):
+    """Rows per chunk so that the chunk temporaries stay under `budget` bytes, chunks balanced.
+
+    Per row: the student logits (V in acc dtype, overwritten by dz), dz rounded to the weight's
+    dtype, the teacher logits when computed here, and du when the teacher wants a gradient. Not
+    counted: the outputs (d hidden, the fp32 d W accumulator of V x H x 4 bytes) and the loss
+    launchers' own bounded temporaries (the torch backend works in 8 MB pieces).
+    """
+    row = v * acc_dtype(xs.dtype).itemsize
+    row += v * ws.element_size() if ws.dtype != acc_dtype(ws.dtype) else 0
+    if u is None:
+        t = acc_dtype(xt.dtype).itemsize
+        row += v * t * (2 if teacher_grad else 1) + (v * xt.element_size() if teacher_grad else 0)
+    rows = max(1, min(n, budget // row))
+    chunks = -(-n // rows) if n else 1
+    return max(1, -(-n // chunks))
+
+
+def _head_grads(d, x, w, gx, gw, gb):
+    """Chunk gradients of one head from its logit gradient d (acc dtype): gx = d w (written),
+    gw += d^T x (fp32), gb += sum_rows d. Any of gx, gw, gb may be None (not wanted)."""
+    d_w = d.to(w.dtype)   # the GEMMs run in the weight's dtype, as autograd's would
+    if gx is not None:
+        torch.mm(d_w, w, out=gx)
+    if gw is not None:
+        _add_weight_grad(gw, d_w, x)
+    if gb is not None:
+        gb += d.sum(0)
+
+
+def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(False,) * 7):
+    """One pass over the token chunks.
+
+    stats None: run the forward launcher; returns per-row loss, ce, kl and the launcher's
+    per-row statistics for its backward (opaque here). Else stats holds those, from the
+    forward. grad (N,) not None: also run the backward launcher with the per-row
+    gradient grad and return the wanted gradients (d xs, d ws, d bs, d xt, d wt, d bt, d u):
+    d hidden in its dtype, weight and bias gradients as fp32 (acc dtype) accumulators.
+    """
+    xs, ws, bs, xt, wt, bt = heads
+    hrm, temperature, eps, ignore_index, reverse, with_kl = options
+    n = labels.numel()
+    like = (xs, ws, bs, xt, wt, bt, u)
+    grads = [None] * 7
+    if grad is not None:
+        for i, t in enumerate(like):
+            if want[i]:
+                zeros = i in (1, 2, 4, 5)   # weights and biases accumulate, in fp32
+                grads[i] = (torch.zeros(t.shape, dtype=acc_dtype(t.dtype), device=t.device) if zeros
+                            else torch.empty_like(t, memory_format=torch.contiguous_format))
+    teacher_grad = hrm > 0 and any(want[3:])
+    need_teacher = (hrm > 0 or (with_kl and stats is None))
+    outs = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        y = labels[r0:r1]
+        z = _logits(xs[r0:r1], ws, bs)
+        if not need_teacher:
+            uc = z   # hrm == 0: the launchers never read the teacher's gradient terms
+        elif u is not None:
+            uc = u[r0:r1]
+        else:
+            uc = _logits(xt[r0:r1], wt, bt)
+        if stats is None:
+            out = impl.hrm_loss_fwd(z[None], uc[None], y, hrm, temperature, eps, ignore_index,
+                                    reverse)
+            outs.append(out)
+            st = out[3]
+        else:
+            st = stats[r0:r1]
+        if grad is None:
+            continue
+        du = None
+        if teacher_grad:
+            du = grads[6][r0:r1] if u is not None else torch.empty_like(uc)
+        # dz overwrites z in place (the launchers' contract allows it): no second chunk buffer.
+        impl.hrm_loss_bwd(z[None], uc[None], y, st, grad[r0:r1], hrm, temperature, eps,
+                          ignore_index, reverse, z[None], du[None] if du is not None else None)
+        _head_grads(z, xs[r0:r1], ws, grads[0] if grads[0] is None else grads[0][r0:r1],
+                    grads[1], grads[2])
+        if du is not None and u is None:
+            _head_grads(du, xt[r0:r1], wt, grads[3] if grads[3] is None else grads[3][r0:r1],
+                        grads[4], grads[5])
+    if hrm == 0:   # the teacher's gradient is exactly 0
+        grads[3:] = [g.zero_() if g is not None else None for g in grads[3:]]
+    if stats is not None:
+        return grads
+    if not outs:   # no tokens: the launchers' outputs for an empty chunk
+        outs = [impl.hrm_loss_fwd(xs.new_zeros(1, 0, 1), xs.new_zeros(1, 0, 1), labels, hrm,
+                                  temperature, eps, ignore_index, reverse)]
+    loss, ce, kl, st = (torch.cat(t) for t in zip(*outs))
+    return loss, ce, kl, st, grads
+
+
+def _wanted(ctx, grad_enabled):
+    return tuple(bool(grad_enabled and r) for r in ctx.needs_input_grad[:7])
+
+
+def _cast(grads, like):
+    """fp32 accumulators -> the dtypes of the tensors they are gradients of."""
+    return [g.to(t.dtype) if g is not None else None for g, t in zip(grads, like)]
+
+
+def _no_autocast(t):
+    """The GEMMs here choose their own dtypes: autocast, if on, would round the logits to bf16."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+class ChunkedLinearHRMFunction(torch.autograd.Function):
+    """Stage 1. Returns (loss, ce, kl): summed and divided by `denom` (a 0-d device tensor) for
+    reduction "mean"/"sum", per token (N,) when denom is None ("none"). ce, kl: no gradient."""
+
+    @staticmethod
+    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, impl, budget,
+                grad_enabled):
+        with _no_autocast(xs):
+            return ChunkedLinearHRMFunction._forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom,
+                                                     options, impl, budget, grad_enabled)
+
+    @staticmethod
+    def _forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, impl, budget,
+                 grad_enabled):
+        like = (xs, ws, bs, xt, wt, bt, u)
+        want = _wanted(ctx, grad_enabled)
+        rows = chunk_rows(labels.numel(), ws.shape[0], budget, xs, ws, xt, u, any(want[3:]))
+        ctx.options, ctx.impl, ctx.rows, ctx.deferred = options, impl, rows, denom is None
+        if denom is None:   # "none": gradients wait for grad_output, recomputed in backward
+            loss, ce, kl, stats, _ = _sweep(like[:6], u, labels, options, impl, rows)
+            ctx.save_for_backward(*like, labels, stats)
+        else:
+            n = labels.numel()
+            inv = torch.ones((), dtype=acc_dtype(xs.dtype), device=xs.device) / denom
+            loss, ce, kl, _, grads = _sweep(like[:6], u, labels, options, impl, rows,
+                                            grad=inv.expand(n) if any(want) else None, want=want)
+            ctx.save_for_backward(*_cast(grads, like))   # d W rounded once, after the fp32 sum
+            loss, ce, kl = (t.sum() / denom for t in (loss, ce, kl))
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        if not ctx.deferred:
+            # A 0-d device tensor times each gradient: no host sync (Liger tests grad_output == 1
+            # with torch.equal, a sync; multiplying by 1 costs one pass and is exact).
+            grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
+            return (*grads, *(None,) * 6)
+        *like, labels, stats = ctx.saved_tensors
+        with _no_autocast(labels):
+            grads = _sweep(like[:6], like[6], labels, ctx.options, ctx.impl, ctx.rows,
+                           stats=stats, grad=grad_loss.reshape(-1), want=ctx.needs_input_grad[:7])
+        return (*_cast(grads, like), *(None,) * 6)
+
+
+class FusedLinearHRMFunction(torch.autograd.Function):
+    """Stage 2: the Triton kernels of triton_linear_kernels (passed in as `kernels`, so that
+    this module imports without Triton). Returns per-token (loss, ce, kl) (N,) fp32; the caller
+    reduces, and the backward recomputes the logit tiles for any grad_output."""
+
+    @staticmethod
+    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, kernels):
+        hrm, temperature, eps, ignore_index, reverse, with_kl = options
+        loss, ce, kl, stats = kernels.linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm,
+                                                          temperature, eps, ignore_index, reverse,
+                                                          with_kl=with_kl)
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, u, labels, stats)
+        ctx.options, ctx.kernels = options, kernels
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        *heads, labels, stats = ctx.saved_tensors
+        hrm, temperature, eps, ignore_index, reverse, _ = ctx.options
+        grads = ctx.kernels.linear_hrm_loss_bwd(*heads, labels, stats, grad_loss.reshape(-1),
+                                                hrm, temperature, eps, ignore_index, reverse,
+                                                ctx.needs_input_grad[:7])
+        return (*grads, *(None,) * 3)

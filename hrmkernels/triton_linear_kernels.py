@@ -1,0 +1,394 @@
+"""Stage 2 of the fused linear HRM loss: Triton kernels that never write N x V logits.
+
+Notation as in triton_kernels.py, with the logits formed on chip from the heads:
+
+    z = x_s W_s^T + b_s        student logits, x_s (N, Hs), W_s (V, Hs), b_s (V,)
+    u = x_t W_t^T + b_t        teacher logits, x_t (N, Ht), W_t (V, Ht)  (or read from memory)
+
+A program owns a (BLOCK_N x BLOCK_V) logit tile at a time: it is a tl.dot loop over the hidden
+size with an fp32 accumulator, so no logit is ever rounded to the input dtype (the Liger #1432
+error) and none reaches global memory. The per-row statistics are those of the logits kernels,
+carried across vocabulary tiles by the online log-sum-exp.
+
+Gradients, with dz and du the per-element logit gradients of triton_kernels.py (times the row's
+incoming gradient g; 0 on ignored rows):
+
+    d x_s = dz W_s      d W_s = dz^T x_s      d b_s = sum_rows dz      (teacher: du, x_t, W_t)
+
+The teacher makes dz dense (q - p is non-zero everywhere), so CCE's gradient filtering (skip a
+tile whose |dz| < eps) would drop the distillation term: there is no filtering here.
+
+fp32 operands use the precision torch would (torch.get_float32_matmul_precision(): "highest" is
+IEEE fp32, the default; "high"/"medium" allow TF32), so the float64 comparison holds for fp32.
+Everything runs in fp32: float64 inputs are rounded to fp32 tiles (use impl="chunked" for fp64).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from hrmkernels.triton_kernels import INTERPRETED, _device_of
+
+# Tiles. The interpreter pays per operation, so it gets the smallest legal dot tiles (tests
+# use N <= 16, H <= 32); the GPU values are a first guess that needs tuning on a GPU.
+BLOCK_N, BLOCK_V, BLOCK_K = (16, 64, 32) if INTERPRETED else (64, 128, 64)
+NUM_WARPS = 8
+
+# The backward's S_GRADS / T_GRADS constexprs are bit masks of the gradients to form for the
+# student / teacher head: 1 d hidden, 2 d weight, 4 d bias, 8 d teacher logits.
+
+
+@triton.jit
+def _logits_tile(x_ptr, x_stride, w_ptr, w_stride, b_ptr, rows, cols, row_mask, col_mask, H,
+                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows] @ w[cols]^T (+ b[cols]): a (BLOCK_N, BLOCK_V) fp32 tile; rows, cols int64.
+
+    Reads BLOCK_N*H + BLOCK_V*H elements, 2*BLOCK_N*BLOCK_V*H FLOPs. Out-of-range rows and
+    columns load zeros (finite results the callers mask).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :],
+                    mask=row_mask[:, None] & (k[None, :] < H), other=0.0)    # (BLOCK_N, BLOCK_K)
+        w_t = tl.load(w_ptr + cols[None, :] * w_stride + k[:, None],
+                      mask=col_mask[None, :] & (k[:, None] < H), other=0.0)  # (BLOCK_K, BLOCK_V)
+        if DOT_F32:   # fp64 inputs, or bf16 under the interpreter (whose bf16 tl.dot is wrong)
+            x, w_t = x.to(tl.float32), w_t.to(tl.float32)
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _online_lse_rows(m, s, x):
+    """_online_lse of triton_kernels.py for a (rows, cols) tile: fold x into per-row (m, s)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    return m_new, s * alpha + tl.sum(e, axis=1), e, alpha
+
+
+# Forward. grid = (cdiv(N, BLOCK_N), SPLIT): program (i, j) folds vocabulary tiles
+# [j * tiles_per_split, (j + 1) * tiles_per_split) of rows block i into six partial statistics
+# per row, merged in merge_partials (SPLIT > 1 keeps the GPU busy when N is small):
+#
+#     lse(z), lse(a), lse(b) over the range, E = t / s (the p-weighted mean of b - a for forward
+#     KL, the q-weighted mean of a - b for reverse), sum_v z_v (label smoothing), z_y (0 unless
+#     the label lies in the range).
+#
+# FLOPs 2 N V (Hs + Ht) (no teacher GEMM when hrm == 0 or teacher logits are given; then N V
+# teacher logits are read instead). Bytes: W_s, W_t once per row block (L2 shares them between
+# programs that run together), x once per vocabulary tile, SPLIT * N * 24 out; nothing N x V.
+@triton.jit
+def _linear_hrm_loss_fwd_kernel(
+    xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr,   # student x (N, Hs), W (V, Hs), b (V,)
+    xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr,   # teacher x (N, Ht), W (V, Ht), b (V,)
+    u_ptr, u_stride,                                # teacher logits (N, V), when TEACHER_LOGITS
+    y_ptr,                                          # labels (N,) int32/int64
+    part_ptr,                                       # (SPLIT, N, 6) fp32 out: partial statistics
+    N, V, Hs, Ht, tiles_per_split, inv_t,
+    HAS_KL: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr, SMOOTH: tl.constexpr,
+    DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    neg_inf = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    m_z, s_z, m_a, s_a, m_b, s_b = neg_inf, zero, neg_inf, zero, neg_inf, zero
+    t, sum_z, z_y = zero, zero, zero
+    v_lo = split * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, row_mask,
+                         col_mask, Hs, HAS_BS, DOT_F32_S, PREC_S, BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_z, s_z, e_z, alpha_z = _online_lse_rows(m_z, s_z, z)
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        if SMOOTH:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        if HAS_KL:
+            if TEACHER_LOGITS:
+                u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :],
+                            mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            else:
+                u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols,
+                                 row_mask, col_mask, Ht, HAS_BT, DOT_F32_T, PREC_T,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
+            b = tl.where(col_mask[None, :], u * inv_t, float("-inf"))
+            if UNIT_T:
+                a = z
+                m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
+            else:
+                a = z * inv_t
+                m_a, s_a, e_a, alpha_a = _online_lse_rows(m_a, s_a, a)
+            m_b, s_b, e_b, alpha_b = _online_lse_rows(m_b, s_b, b)
+            # A zero-probability entry contributes 0 (guarded: 0 * inf is NaN).
+            if REVERSE:
+                t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=1)
+            else:
+                t = t * alpha_b + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=1)
+    if REVERSE:
+        s_w = s_a
+    else:
+        s_w = s_b
+    lse_z = m_z + tl.log(s_z)
+    lse_a, lse_b = lse_z, lse_z   # unused without the KL term (merge_partials ignores them)
+    if HAS_KL:
+        lse_a = m_a + tl.log(s_a)
+        lse_b = m_b + tl.log(s_b)
+    out = part_ptr + (split * N + rows) * 6
+    tl.store(out, lse_z, mask=row_mask)
+    tl.store(out + 1, lse_a, mask=row_mask)
+    tl.store(out + 2, lse_b, mask=row_mask)
+    tl.store(out + 3, tl.where(s_w > 0.0, t / s_w, 0.0), mask=row_mask)
+    tl.store(out + 4, sum_z, mask=row_mask)
+    tl.store(out + 5, z_y, mask=row_mask)
+
+
+def merge_partials(part, labels, v, hrm, label_smoothing, ignore_index, reverse, unit_t, with_kl):
+    """(SPLIT, N, 6) partial statistics -> loss, ce, kl (N,) and stats (N, 4), fp32, in torch ops.
+
+    log-sum-exps merge by logsumexp; the weighted means E_j merge into mu with the weights
+    exp(lse_j - lse) of their ranges (the share of the weighting distribution in range j).
+    stats = (lse(z), lse(a), lse(b), mu) per row, as the logits launchers save them: the
+    backward uses (b - a) - mu for log p - log q - KL, where the lse terms cancel.
+    """
+    lse = torch.logsumexp(part[..., :3], dim=0)                          # (N, 3)
+    if unit_t:
+        lse[:, 1] = lse[:, 0]
+    w = 1 if reverse else 2
+    share = torch.exp(part[..., w] - lse[:, w])                          # (SPLIT, N)
+    mu = torch.where(share > 0, share * part[..., 3], 0.0).sum(0)        # NaN share (-inf row) -> 0
+    gap = lse[:, 2] - lse[:, 1]                                          # lse_b - lse_a
+    kl = (mu + gap if reverse else mu - gap).clamp_min(0.0) if with_kl else torch.zeros_like(mu)
+    y = labels.long()
+    z_y = torch.where((y >= 0) & (y < v), part[..., 5].sum(0), torch.nan)  # bad label: NaN CE
+    ce = lse[:, 0] - z_y
+    if label_smoothing > 0:
+        eps = float(label_smoothing)
+        ce = lse[:, 0] - (1 - eps) * z_y - eps * part[..., 4].sum(0) / v
+    loss = ce + hrm * kl if hrm > 0 else ce
+    keep = y != ignore_index
+    loss, ce, kl = (torch.where(keep, x, 0.0) for x in (loss, ce, kl))
+    stats = torch.cat((lse, mu[:, None]), 1)
+    return loss, ce, kl, torch.where(keep[:, None], stats, 0.0)
+
+
+@triton.jit
+def _accumulate_head_grads(d, x_ptr, x_stride, w_ptr, w_stride, dx_ptr, dw_ptr, db_ptr,
+                           rows, cols, row_mask, col_mask, H, GRADS: tl.constexpr,
+                           DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[rows] += d @ w[cols], dw[cols] += d^T @ x[rows], db[cols] += sum_rows d.
+
+    d: a (BLOCK_N, BLOCK_V) fp32 logit-gradient tile; dx (N, H), dw (V, H), db (V,) fp32 buffers
+    that other programs add to as well, hence fp32 atomics (relaxed: only the sum matters; the
+    order, and so the last bits, vary from run to run).
+    """
+    if GRADS & 4:
+        tl.atomic_add(db_ptr + cols, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
+    if DOT_F32:
+        dd = d
+    else:   # the dot runs in the weight's dtype, as autograd's would (d rounded once)
+        dd = d.to(w_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < H
+        if GRADS & 1:
+            w = tl.load(w_ptr + cols[:, None] * w_stride + k[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_K)
+            if DOT_F32:
+                w = w.to(tl.float32)
+            tl.atomic_add(dx_ptr + rows[:, None] * H + k[None, :],
+                          tl.dot(dd, w, input_precision=PRECISION),
+                          mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+        if GRADS & 2:
+            x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+            if DOT_F32:
+                x = x.to(tl.float32)
+            tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :],
+                          tl.dot(tl.trans(dd), x, input_precision=PRECISION),
+                          mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+
+
+# Backward. grid = (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): program (i, j) recomputes the z (and u)
+# tile, forms dz (and du) from the saved lse and KL exactly as _hrm_loss_bwd_kernel does, and
+# adds its share of the head gradients.
+#
+# FLOPs: 2 N V (Hs + Ht) recomputation + 4 N V Hs for d x_s, d W_s (+ 4 N V Ht for teacher
+# gradients). Bytes: the recomputation reads as the forward does; the atomics add
+# 4 N V H (1/BLOCK_V + 1/BLOCK_N) bytes of fp32 into L2 (dx and dW are revisited once per tile).
+# That is the price of writing nothing N x V: at H = 4096 it exceeds the 6-10 bytes per logit
+# that stage 1 moves, so whether this beats stage 1 is for the GPU benchmark to say.
+@triton.jit
+def _linear_hrm_loss_bwd_kernel(
+    xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr,   # student head, as in the forward
+    xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr,   # teacher head
+    u_ptr, u_stride,                                # teacher logits (N, V), when TEACHER_LOGITS
+    y_ptr, stats_ptr,                               # labels (N,); (N, 4) fp32 from the forward
+    g_ptr, g_stride,                                # per-row incoming gradient (N,); 0 stride ok
+    dxs_ptr, dws_ptr, dbs_ptr,                      # fp32 (N, Hs), (V, Hs), (V,) accumulators
+    dxt_ptr, dwt_ptr, dbt_ptr,                      # fp32 (N, Ht), (V, Ht), (V,) accumulators
+    du_ptr, du_stride,                              # (N, V) out, teacher logits' dtype
+    N, V, Hs, Ht, hrm, inv_t, eps, ignore_index,
+    S_GRADS: tl.constexpr, T_GRADS: tl.constexpr,   # bit masks, see above
+    HAS_KL: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask, col_mask = rows < N, cols < V
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    keep = row_mask & (y != ignore_index)
+    live = keep[:, None] & col_mask[None, :]
+    g = tl.load(g_ptr + rows * g_stride, mask=keep, other=0.0).to(tl.float32)
+    lse_z = tl.load(stats_ptr + 4 * rows, mask=keep, other=0.0)
+    z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, row_mask, col_mask,
+                     Hs, HAS_BS, DOT_F32_S, PREC_S, BLOCK_N, BLOCK_V, BLOCK_K)
+    sm = tl.exp(z - lse_z[:, None])
+    dz = sm - eps / V - tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0)
+    if HAS_KL:
+        lse_a = tl.load(stats_ptr + 4 * rows + 1, mask=keep, other=0.0)
+        lse_b = tl.load(stats_ptr + 4 * rows + 2, mask=keep, other=0.0)
+        mu = tl.load(stats_ptr + 4 * rows + 3, mask=keep, other=0.0)[:, None]
+        if TEACHER_LOGITS:
+            u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :], mask=live,
+                        other=0.0).to(tl.float32)
+        else:
+            u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols, row_mask,
+                             col_mask, Ht, HAS_BT, DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
+        b = u * inv_t
+        if UNIT_T:
+            a = z
+            q = sm
+        else:
+            a = z * inv_t
+            q = tl.exp(a - lse_a[:, None])
+        p = tl.exp(b - lse_b[:, None])
+        c = hrm * inv_t
+        if REVERSE:   # log q - log p - KL = (a - b) - mu
+            dz += c * tl.where(q > 0.0, q * ((a - b) - mu), 0.0)
+            du = c * (p - q)
+        else:         # log p - log q - KL = (b - a) - mu
+            dz += c * (q - p)
+            du = c * tl.where(p > 0.0, p * ((b - a) - mu), 0.0)
+        du = tl.where(live, du * g[:, None], 0.0)
+        if T_GRADS & 8:   # each element of du belongs to this program alone: a plain store
+            tl.store(du_ptr + rows[:, None] * du_stride + cols[None, :],
+                     du.to(du_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        if T_GRADS & 7:
+            _accumulate_head_grads(du, xt_ptr, xt_stride, wt_ptr, wt_stride, dxt_ptr, dwt_ptr,
+                                   dbt_ptr, rows, cols, row_mask, col_mask, Ht, T_GRADS & 7,
+                                   DOT_F32_T, PREC_T, BLOCK_K)
+    dz = tl.where(live, dz * g[:, None], 0.0)   # ignored rows, padding: exactly 0
+    if S_GRADS:
+        _accumulate_head_grads(dz, xs_ptr, xs_stride, ws_ptr, ws_stride, dxs_ptr, dws_ptr, dbs_ptr,
+                               rows, cols, row_mask, col_mask, Hs, S_GRADS,
+                               DOT_F32_S, PREC_S, BLOCK_K)
+
+
+def _dot_options(dtype):
+    """(DOT_F32, PRECISION) for tiles of `dtype`: fp32 tiles follow torch's fp32 matmul setting."""
+    dot_f32 = dtype == torch.float64 or (INTERPRETED and dtype == torch.bfloat16)
+    if not (dot_f32 or dtype == torch.float32):
+        return False, None
+    return dot_f32, {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(),
+                                                               "tf32")
+
+
+def _common(xs, ws, bs, xt, wt, bt, u, has_kl, temperature, reverse):
+    """Arguments and constexprs the two launchers share."""
+    teacher_logits = u is not None
+    student = (xs, xs.stride(0), ws, ws.stride(0), bs if bs is not None else ws)
+    teacher = (xt, xt.stride(0), wt, wt.stride(0), bt if bt is not None else wt) \
+        if xt is not None else student   # dummies: TEACHER_LOGITS never reads them
+    dot_s = _dot_options(xs.dtype)
+    dot_t = _dot_options(xt.dtype) if xt is not None else dot_s
+    u_args = (u, u.stride(0)) if teacher_logits else (xs, 0)
+    ht = xt.shape[1] if xt is not None else 0
+    flags = dict(HAS_KL=has_kl, TEACHER_LOGITS=teacher_logits, HAS_BS=bs is not None,
+                 HAS_BT=bt is not None, UNIT_T=temperature == 1.0, REVERSE=reverse,
+                 DOT_F32_S=dot_s[0], DOT_F32_T=dot_t[0], PREC_S=dot_s[1], PREC_T=dot_t[1],
+                 BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    return (*student, *teacher, *u_args), ht, flags
+
+
+def _default_split(n, v, device):
+    """Vocabulary splits so that about two programs per SM run even when N is small."""
+    tiles = triton.cdiv(v, BLOCK_V)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(n, BLOCK_N))))
+
+
+def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, label_smoothing,
+                        ignore_index, reverse, with_kl=None, split=None):
+    """Loss, CE, KL (N,) and stats (N, 4), fp32, of the logits x_s W_s^T + b_s, x_t W_t^T + b_t.
+
+    xs (N, Hs), ws (V, Hs), xt (N, Ht), wt (V, Ht), u (N, V): unit last stride; biases (V,)
+    contiguous or None; either (xt, wt, bt) or u; labels (N,). with_kl: compute the KL even at
+    hrm == 0 (default: only when hrm > 0; else the teacher is never read and KL is 0).
+    split: vocabulary splits (default: enough programs to fill the GPU).
+    """
+    with_kl = hrm > 0 if with_kl is None else with_kl or hrm > 0
+    n, v = labels.numel(), ws.shape[0]
+    split = split or _default_split(n, v, xs.device)
+    tiles_per_split = triton.cdiv(triton.cdiv(v, BLOCK_V), split)
+    split = triton.cdiv(triton.cdiv(v, BLOCK_V), tiles_per_split)   # no empty ranges
+    part = torch.empty(split, n, 6, dtype=torch.float32, device=xs.device)
+    args, ht, flags = _common(xs, ws, bs, xt, wt, bt, u, with_kl, temperature, reverse)
+    if n:
+        with _device_of(xs):
+            _linear_hrm_loss_fwd_kernel[(triton.cdiv(n, BLOCK_N), split)](
+                *args, labels, part, n, v, xs.shape[1], ht, tiles_per_split, 1.0 / temperature,
+                SMOOTH=label_smoothing > 0, **flags)
+    return merge_partials(part, labels, v, hrm, label_smoothing, ignore_index, reverse,
+                          temperature == 1.0, with_kl)
+
+
+def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, temperature,
+                        label_smoothing, ignore_index, reverse, want):
+    """Gradients of sum_r grad_r * loss_r, as the 7-tuple (d xs, d ws, d bs, d xt, d wt, d bt, d u).
+
+    `want` is a 7-tuple of bools in the same order; unwanted entries are None. Head gradients
+    accumulate in fp32 and are returned in their input's dtype; grad (N,) may have stride 0.
+    """
+    n, v = labels.numel(), ws.shape[0]
+    dev = xs.device
+    shapes = (xs.shape, ws.shape, (v,),
+              *((xt.shape, wt.shape, (v,)) if xt is not None else [()] * 3))
+    acc = [torch.zeros(s, dtype=torch.float32, device=dev) if w and i < 6 else None
+           for i, (s, w) in enumerate(zip(shapes, want))]
+    du = None
+    if want[6]:   # every element is stored when the KL term exists; else the gradient is 0
+        new = torch.empty_like if hrm > 0 else torch.zeros_like
+        du = new(u, memory_format=torch.contiguous_format)
+    s_grads = sum(1 << i for i, w in enumerate(want[:3]) if w)
+    t_grads = sum(1 << i for i, w in enumerate(want[3:]) if w) if hrm > 0 else 0   # else exactly 0
+    args, ht, flags = _common(xs, ws, bs, xt, wt, bt, u, hrm > 0, temperature, reverse)
+    if n and (s_grads or t_grads):
+        dummy = stats
+        with _device_of(xs):
+            _linear_hrm_loss_bwd_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V))](
+                *args, labels, stats, grad, grad.stride(0),
+                *(a if a is not None else dummy for a in acc),
+                du if du is not None else dummy, du.stride(0) if du is not None else 0,
+                n, v, xs.shape[1], ht, float(hrm), 1.0 / temperature, float(label_smoothing),
+                ignore_index, S_GRADS=s_grads, T_GRADS=t_grads, **flags)
+    dtypes = (xs.dtype, ws.dtype, ws.dtype, *((xt.dtype, wt.dtype, wt.dtype) if xt is not None
+                                              else [None] * 3))
+    return (*(a.to(d) if a is not None else None for a, d in zip(acc, dtypes)), du)

@@ -1,0 +1,317 @@
+"""fused_linear_hrm_loss (both stages) against the reference on explicit float64 logits.
+
+Each case changes one thing from BASE, so a failure names its cause. The reference sees the
+very same input values, upcast to float64, with ``hidden @ weight.T + bias`` materialised and
+differentiated by autograd: loss and every gradient (hidden, weight, bias, and the teacher's
+when it requires one) are compared. Stage 2 runs under the Triton interpreter on CPU, so its
+sizes stay tiny: V = 197 is neither a power of two nor a multiple of the vocabulary tile.
+"""
+import pytest
+import torch
+
+from hrmkernels.linear import FusedLinearHRMLoss, fused_linear_hrm_loss
+from hrmkernels.linear_autograd import chunk_rows
+from hrmkernels.reference import hrm_loss_reference
+
+from conftest import DEVICE, requires_cuda
+
+BASE = dict(lead=(2, 5), hs=24, ht=20, v=197, dtype=torch.float64, bias=True, teacher="hidden",
+            pad=0, teacher_grad=False, frozen_weight=False, direction="forward", t=2.0, eps=0.1,
+            hrm=0.6, ignore="some", reduction="mean", num_items=None, budget=6 * 197 * 8,
+            components=False, masked=False, shifted=False)
+# Relative tolerance (of the largest reference value) per input dtype. float64 runs the torch
+# backend in float64 (the label-smoothing constant of its backward is an fp32 literal, ~3e-8).
+TOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+CASES = {
+    "base": {},
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "reverse": dict(direction="reverse"),
+    "reverse-none": dict(direction="reverse", reduction="none", teacher_grad=True),
+    "t1": dict(t=1.0, eps=0.0),
+    "hrm0": dict(hrm=0.0),
+    "hrm0-components": dict(hrm=0.0, components=True, teacher_grad=True),
+    "components": dict(components=True),
+    "no-ignored": dict(ignore="none"),
+    "all-ignored": dict(ignore="all"),
+    "no-bias": dict(bias=False),
+    "teacher-grad": dict(teacher_grad=True),
+    "frozen-weight": dict(frozen_weight=True),
+    "padded-teacher": dict(pad=13),
+    "same-hidden": dict(ht=24),
+    "teacher-logits": dict(teacher="logits", pad=5),
+    "teacher-logits-grad": dict(teacher="logits", teacher_grad=True, reduction="none"),
+    "num-items": dict(num_items=7),
+    "num-items-tensor": dict(num_items="tensor"),
+    "one-chunk": dict(budget=None),
+    "row-chunks": dict(budget=1),
+    "masked-vocab": dict(masked=True, eps=0.0),   # -inf biases: masked vocabulary entries
+    "shifted": dict(shifted=True),                # hidden[:, :-1], as causal LM losses pass it
+    "1d": dict(lead=(9,)),
+    "3d": dict(lead=(2, 2, 3)),
+    "fp32": dict(dtype=torch.float32),
+    "bf16": dict(dtype=torch.bfloat16, teacher_grad=True),
+}
+# Stage 2 under the interpreter: fp32 (its arithmetic), the cases that change what it computes.
+FUSED_CASES = ["base", "sum", "none", "reverse-none", "t1", "hrm0", "hrm0-components",
+               "all-ignored", "no-bias", "teacher-grad", "frozen-weight", "padded-teacher",
+               "same-hidden", "teacher-logits", "teacher-logits-grad", "num-items-tensor",
+               "masked-vocab", "shifted", "1d", "bf16"]
+TRITON_CHUNKED_CASES = ["base", "reverse-none", "teacher-logits-grad"]
+
+
+def _inputs(c):
+    """(args, kwargs) for fused_linear_hrm_loss, and the leaves that require grad, by name."""
+    dt = c["dtype"]
+    rand = lambda *s, scale=1.0: (torch.randn(*s, device=DEVICE) * scale).to(dt)  # noqa: E731
+    lead, v = c["lead"], c["v"]
+    hlead = (*lead[:-1], lead[-1] + 1) if c["shifted"] else lead
+    leaves = dict(xs=rand(*hlead, c["hs"]), ws=rand(v, c["hs"], scale=0.4))
+    if c["bias"]:
+        leaves["bs"] = rand(v, scale=0.5)
+    if c["teacher"] == "hidden":
+        leaves.update(xt=rand(*hlead, c["ht"]), wt=rand(v + c["pad"], c["ht"], scale=0.6))
+        if c["bias"]:
+            leaves["bt"] = rand(v, scale=0.5)
+    else:
+        leaves["u"] = rand(*lead, v + c["pad"], scale=3.0)
+    if c["masked"]:   # columns 1, 5, 9, ... masked in both models; labels avoid them
+        for k in ("bs", "bt"):
+            leaves[k][1::4] = float("-inf")
+    for k, t in leaves.items():
+        teacher = k in ("xt", "wt", "bt", "u")
+        t.requires_grad_(c["teacher_grad"] if teacher else not (k == "ws" and c["frozen_weight"]))
+    y = torch.randint(0, v, lead, device=DEVICE)
+    if c["masked"]:
+        y = y // 4 * 4
+    if c["ignore"] == "some":
+        y.view(-1)[::3] = -100
+    elif c["ignore"] == "all":
+        y.fill_(-100)
+    return leaves, y
+
+
+def _hidden(c, x):
+    return x[..., :-1, :] if c["shifted"] and x is not None else x
+
+
+def _call(c, leaves, y, **kw):
+    v, g = c["v"], leaves.get
+    teacher = dict(teacher_bias=g("bt"))
+    if c["teacher"] == "hidden":
+        xt, wt = _hidden(c, g("xt")), g("wt")[:v]     # a padded teacher vocabulary: a view
+    else:
+        xt = wt = None
+        teacher = dict(teacher_logits=g("u")[..., :v])
+    num_items = c["num_items"]
+    if num_items == "tensor":
+        num_items = torch.tensor(4, device=DEVICE)
+    return fused_linear_hrm_loss(
+        _hidden(c, g("xs")), g("ws"), xt, wt, y, c["hrm"], student_bias=g("bs"), **teacher,
+        temperature=c["t"], label_smoothing=c["eps"], kl_direction=c["direction"],
+        reduction=c["reduction"], num_items_in_batch=num_items, chunk_budget_bytes=c["budget"],
+        return_components=c["components"], **kw)
+
+
+def _reference(c, leaves, y):
+    r = {k: t.detach().double().requires_grad_(t.requires_grad) for k, t in leaves.items()}
+    v = c["v"]
+    z = _hidden(c, r["xs"]) @ r["ws"].T + (r["bs"] if "bs" in r else 0)
+    if c["teacher"] == "hidden":
+        u = _hidden(c, r["xt"]) @ r["wt"][:v].T + (r["bt"] if "bt" in r else 0)
+    else:
+        u = r["u"][..., :v]
+    num_items = c["num_items"]
+    if num_items == "tensor":
+        num_items = torch.tensor(4, device=DEVICE)
+    out = hrm_loss_reference(z, u, y, c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
+                             kl_direction=c["direction"], reduction=c["reduction"],
+                             num_items_in_batch=num_items, return_components=True)
+    return out, r
+
+
+def _close(name, actual, expected, tol):
+    actual = actual.detach().double()
+    scale = max(expected.abs().max().item(), 1e-3) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert err <= tol, f"{name}: max error {err:.2e} (relative to {scale:.3g}) > {tol:.0e}"
+
+
+def _check(case, fp64_as=None, **kw):
+    """Run `case` with the keywords kw; fp64_as: the dtype that replaces float64 inputs."""
+    c = {**BASE, **CASES[case]}
+    if fp64_as is not None and c["dtype"] == torch.float64:
+        c["dtype"] = fp64_as
+    leaves, y = _inputs(c)
+    out = _call(c, leaves, y, **kw)
+    (ref_loss, ref_ce, ref_kl), r = _reference(c, leaves, y)
+    loss = out.loss if c["components"] else out
+    tol = TOL[c["dtype"]]
+    _close("loss", loss, ref_loss.detach(), tol)
+    if c["components"]:
+        _close("ce", out.ce, ref_ce, tol)
+        _close("kl", out.kl, ref_kl, tol)
+    # A grad_output other than 1: random per token for "none", a scalar otherwise.
+    cot = torch.rand_like(ref_loss) + 0.5 if c["reduction"] == "none" else torch.tensor(1.7)
+    names = [k for k, t in leaves.items() if t.requires_grad]
+    grads = torch.autograd.grad((loss * cot.to(loss)).sum(), [leaves[k] for k in names])
+    refs = torch.autograd.grad((ref_loss * cot.to(ref_loss)).sum(), [r[k] for k in names],
+                               allow_unused=True, materialize_grads=True)   # hrm = 0: no teacher
+    for k, g, e in zip(names, grads, refs):
+        assert g.dtype == leaves[k].dtype, f"d {k}: dtype {g.dtype}"
+        _close(f"d {k}", g, e, tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_linear_hrm_loss_chunked(case):
+    _check(case, impl="chunked", backend="torch")
+
+
+@pytest.mark.parametrize("case", TRITON_CHUNKED_CASES)
+def test_linear_hrm_loss_chunked_triton(case):
+    _check(case, fp64_as=torch.float32, impl="chunked", backend="triton")
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_linear_hrm_loss_fused(case):
+    _check(case, fp64_as=torch.float32, impl="fused")
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_linear_hrm_loss_fused_vocab_split(split):
+    """Partial statistics over vocabulary ranges merge exactly (forward only; the merge)."""
+    from hrmkernels import triton_linear_kernels as k
+    xs, ws, xt, wt = (torch.randn(s, device=DEVICE) for s in ((7, 16), (197, 16), (7, 8), (197, 8)))
+    y = torch.randint(0, 197, (7,), device=DEVICE)
+    y[2] = -100
+    ws[5] = 0
+    out = k.linear_hrm_loss_fwd(xs, ws, None, xt, wt, None, None, y, 0.5, 1.5, 0.1, -100, True,
+                                split=split)
+    ref = hrm_loss_reference((xs @ ws.T).double(), (xt @ wt.T).double(), y, 0.5, temperature=1.5,
+                             label_smoothing=0.1, kl_direction="reverse", reduction="none",
+                             return_components=True)
+    for name, a, e in zip(("loss", "ce", "kl"), out, ref):
+        _close(name, a, e, 2e-5)
+
+
+def test_linear_hrm_loss_no_grad_and_module():
+    c = {**BASE, "dtype": torch.float32}
+    leaves, y = _inputs(c)
+    loss = _call(c, leaves, y)
+    with torch.no_grad():
+        loss_ng = _call(c, leaves, y)
+    assert not loss_ng.requires_grad
+    module = FusedLinearHRMLoss(c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
+                                chunk_budget_bytes=c["budget"])
+    loss_m = module(leaves["xs"], leaves["ws"], leaves["xt"], leaves["wt"], y,
+                    student_bias=leaves["bs"], teacher_bias=leaves["bt"])
+    torch.testing.assert_close(loss_ng, loss.detach())
+    torch.testing.assert_close(loss_m, loss)
+    assert "impl='chunked'" in repr(module)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_linear_hrm_loss_autocast(impl):
+    """Under autocast, fp32 weights and hidden states meet in autocast's dtype, as in F.linear."""
+    c = {**BASE, "dtype": torch.float32}
+    leaves, y = _inputs(c)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = _call(c, leaves, y, impl=impl)
+        grads = torch.autograd.grad(loss, [leaves["xs"], leaves["ws"]])
+    half = {k: t.detach().to(torch.bfloat16).requires_grad_(k in ("xs", "ws"))
+            for k, t in leaves.items()}
+    loss_h = _call(c, half, y, impl=impl)
+    grads_h = torch.autograd.grad(loss_h, [half["xs"], half["ws"]])
+    torch.testing.assert_close(loss, loss_h)
+    for g, g_h in zip(grads, grads_h):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g_h.float())
+
+
+def test_linear_hrm_loss_chunk_rows():
+    x32, w16 = torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bfloat16)
+    row = 100 * 4 + 100 * 4   # student logits (fp32) + teacher logits (fp32), fp32 weights
+    assert chunk_rows(1000, 100, 10 * row, x32, x32, x32, None, False) == 10
+    assert chunk_rows(1000, 100, 10 * row + 1, x32, x32, x32, None, False) == 10
+    assert chunk_rows(1001, 100, 10 * row, x32, x32, x32, None, False) == 10   # 101 balanced chunks
+    assert chunk_rows(7, 100, 1, x32, x32, x32, None, False) == 1
+    assert chunk_rows(7, 100, 1 << 40, x32, x32, x32, None, False) == 7
+    # bf16 weights add the rounded dz (2 B); teacher logits given: no teacher buffer.
+    assert chunk_rows(100, 100, 600 * 10, w16, w16, None, torch.zeros(1), False) == 10
+
+
+def _bad_inputs():
+    xs, ws, bs = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randn(11)
+    xt, wt = torch.randn(2, 3, 6), torch.randn(11, 6)
+    y = torch.randint(0, 11, (2, 3))
+    return dict(student_hidden=xs, student_weight=ws, teacher_hidden=xt, teacher_weight=wt,
+                labels=y, hrm=0.5, student_bias=bs)
+
+
+BAD = {
+    "hidden-weight-size": (dict(student_weight=torch.randn(11, 7)), ValueError, "student_weight"),
+    "weight-1d": (dict(student_weight=torch.randn(88)), ValueError, "student_weight"),
+    "teacher-weight-size": (dict(teacher_weight=torch.randn(11, 8)), ValueError, "teacher_weight"),
+    "teacher-vocab": (dict(teacher_weight=torch.randn(16, 6)), ValueError, "teacher_weight[:11]"),
+    "teacher-lead": (dict(teacher_hidden=torch.randn(3, 2, 6)), ValueError, "teacher_hidden"),
+    "bias-shape": (dict(student_bias=torch.randn(12)), ValueError, "student_bias"),
+    "bias-dtype": (dict(student_bias=torch.randn(11, dtype=torch.float64)), TypeError,
+                   "student_bias"),
+    "weight-dtype": (dict(student_weight=torch.randn(11, 8, dtype=torch.bfloat16)), TypeError,
+                     "student_weight"),
+    "hidden-int": (dict(student_hidden=torch.ones(2, 3, 8, dtype=torch.int64)), TypeError,
+                   "student_hidden"),
+    "hidden-list": (dict(student_hidden=[[1.0]]), TypeError, "student_hidden"),
+    "labels-float": (dict(labels=torch.zeros(2, 3)), TypeError, "labels"),
+    "labels-shape": (dict(labels=torch.zeros(6, dtype=torch.int64)), ValueError, "labels"),
+    "weight-device": (dict(student_weight=torch.randn(11, 8, device="meta")), ValueError,
+                      "student_weight is on meta"),
+    "teacher-device": (dict(teacher_hidden=torch.randn(2, 3, 6, device="meta")), ValueError,
+                       "teacher_hidden is on meta"),
+    "labels-device": (dict(labels=torch.zeros(2, 3, dtype=torch.int64, device="meta")),
+                      ValueError, "labels is on meta"),
+    "teacher-twice": (dict(teacher_logits=torch.randn(2, 3, 11)), ValueError, "not both"),
+    "teacher-missing": (dict(teacher_weight=None), ValueError, "teacher_weight"),
+    "logits-vocab": (dict(teacher_hidden=None, teacher_weight=None,
+                          teacher_logits=torch.randn(2, 3, 12)), ValueError, "[..., :11]"),
+    "impl": (dict(impl="cce"), ValueError, "impl"),
+    "budget": (dict(chunk_budget_bytes=0), ValueError, "chunk_budget_bytes"),
+    "fused-backend": (dict(impl="fused", backend="torch"), ValueError, "backend"),
+    "hrm": (dict(hrm=-1.0), ValueError, "hrm"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_linear_hrm_loss_bad_input(case):
+    change, error, words = BAD[case]
+    kw = {**_bad_inputs(), **change}
+    args = [kw.pop(k) for k in ("student_hidden", "student_weight", "teacher_hidden",
+                                "teacher_weight", "labels", "hrm")]
+    with pytest.raises(error, match=words.replace("[", r"\[").replace(".", r"\.")):
+        fused_linear_hrm_loss(*args, **kw)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_linear_hrm_loss_full_size_cuda(impl):
+    """bf16 at H=4096, V=128256 (a Llama-3 head) against float64 on the same values; no sync."""
+    n, h, v = 1024, 4096, 128256
+    xs = torch.randn(n, h, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    ws = (torch.randn(v, h, device=DEVICE) * h ** -0.5).to(torch.bfloat16).requires_grad_()
+    xt = torch.randn(n, h, device=DEVICE, dtype=torch.bfloat16)
+    wt = (torch.randn(v, h, device=DEVICE) * 2 * h ** -0.5).to(torch.bfloat16)
+    y = torch.randint(0, v, (n,), device=DEVICE)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, temperature=2.0, impl=impl)
+        gx, gw = torch.autograd.grad(loss, (xs, ws))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    r = [t.detach().double().requires_grad_() for t in (xs, ws)]
+    ref = hrm_loss_reference(r[0] @ r[1].T, xt.double() @ wt.double().T, y, 0.5, temperature=2.0)
+    ref_g = torch.autograd.grad(ref, r)
+    _close("loss", loss, ref.detach(), 1e-4)
+    _close("d xs", gx, ref_g[0], TOL[torch.bfloat16])
+    _close("d ws", gw, ref_g[1], TOL[torch.bfloat16])
