@@ -13,6 +13,7 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 KL_DIRECTIONS = ("forward", "reverse")
 BACKENDS = ("auto", "triton", "cuda", "torch")
+TOPK_MODES = ("rest", "renormalize")
 
 
 def _choice(name, value, allowed):
@@ -108,3 +109,37 @@ def rows_view(x):
         return x.view(shape)
     except RuntimeError:
         return x.reshape(shape)
+
+
+def check_teacher_topk(student_logits, teacher_topk, labels, topk_mode):
+    """Validate a sparse teacher ``(indices, logprobs)``, each (..., k), with the student and labels."""
+    check_tensors(student_logits, student_logits, labels)   # the student and label checks
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors shaped (..., k), "
+                        f"got {type(teacher_topk).__name__}")
+    idx, logp = teacher_topk
+    for name, t in (("indices", idx), ("logprobs", logp)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"teacher_topk {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != student_logits.device:
+            raise ValueError(f"teacher_topk {name} is on {t.device} but student_logits is on "
+                             f"{student_logits.device}; all tensors must share one device")
+    if idx.dtype not in LABEL_DTYPES:
+        raise TypeError(f"teacher_topk indices must be int64 or int32, got {idx.dtype}")
+    if logp.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"teacher_topk logprobs must be float32, bfloat16, float16 or float64, "
+                        f"got {logp.dtype}")
+    lead, v = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if idx.dim() != len(lead) + 1 or tuple(idx.shape[:-1]) != lead or idx.shape[-1] < 1:
+        raise ValueError(f"teacher_topk indices must have shape {lead + ('k',)} (student_logits' "
+                         f"leading shape, then k >= 1), got {tuple(idx.shape)}")
+    if logp.shape != idx.shape:
+        raise ValueError(f"teacher_topk logprobs must have the indices' shape {tuple(idx.shape)}, "
+                         f"got {tuple(logp.shape)}")
+    if idx.shape[-1] > v:
+        raise ValueError(f"teacher_topk has k={idx.shape[-1]} entries per token but the student's "
+                         f"vocabulary has only V={v}")
+    if logp.requires_grad:
+        raise ValueError("teacher_topk logprobs require grad, but a top-k teacher gets no "
+                         "gradient: pass logprobs.detach()")
+    _choice("topk_mode", topk_mode, TOPK_MODES)

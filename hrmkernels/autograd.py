@@ -1,4 +1,10 @@
-"""HRMLossFunction: the autograd Function over a backend's forward and backward launchers."""
+"""HRMLossFunction and HRMTopKLossFunction: autograd Functions over a backend's launchers.
+
+`impl` is the backend's launcher module (backends.resolve); its launchers call custom ops
+(torch.ops.hrmkernels.*), so torch.compile(fullgraph=True) traces these Functions without a
+graph break: Dynamo inlines forward and backward, and the ops are registered with their fake
+(meta) implementations.
+"""
 import torch
 
 from hrmkernels._checks import rows_view
@@ -36,3 +42,33 @@ class HRMLossFunction(torch.autograd.Function):
         ctx.impl.hrm_loss_bwd(z, u, labels, stats, grad_loss.reshape(-1), *ctx.options, dz, du)
         du = du.reshape(teacher_logits.shape) if du is not None else None
         return dz.reshape(student_logits.shape), du, *(None,) * 8
+
+
+class HRMTopKLossFunction(torch.autograd.Function):
+    """As HRMLossFunction, with a sparse teacher: top-k indices and log-probabilities (..., k).
+
+    Only the student gets a gradient; the teacher's log-probabilities are data.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, indices, logprobs, labels, hrm, temperature, label_smoothing,
+                ignore_index, reverse, renormalize, impl, inplace_backward):
+        labels = labels.reshape(-1).contiguous()
+        idx, lp = rows_view(indices), rows_view(logprobs)
+        loss, ce, kl, stats = impl.hrm_loss_topk_fwd(rows_view(student_logits), idx, lp, labels,
+                                                     hrm, temperature, label_smoothing,
+                                                     ignore_index, reverse, renormalize)
+        ctx.save_for_backward(student_logits, idx, lp, labels, stats)
+        ctx.options = (hrm, temperature, label_smoothing, ignore_index, reverse, renormalize)
+        ctx.impl, ctx.inplace_backward = impl, inplace_backward
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        student_logits, idx, lp, labels, stats = ctx.saved_tensors
+        z = rows_view(student_logits)
+        dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        ctx.impl.hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad_loss.reshape(-1), *ctx.options,
+                                   dz)
+        return dz.reshape(student_logits.shape), *(None,) * 11

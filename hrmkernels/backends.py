@@ -1,19 +1,20 @@
 """The one place that chooses an implementation: backend name + device -> launcher module.
 
 Each backend module exposes the same two launchers, ``hrm_loss_fwd`` and ``hrm_loss_bwd``
-(see triton_kernels.py for their contract).
+(see triton_kernels.py for their contract); for top-k teachers, ``hrm_loss_topk_fwd`` and
+``hrm_loss_topk_bwd`` (triton_topk_kernels.py), which the torch and Triton backends have.
 """
 import torch
 
 from hrmkernels import torch_impl
 
 
-def _triton_module():
+def _triton_module(topk=False):
     try:
-        from hrmkernels import triton_kernels
+        from hrmkernels import triton_kernels, triton_topk_kernels
     except ImportError as e:
         return None, f"triton cannot be imported ({e})"
-    return triton_kernels, None
+    return (triton_topk_kernels if topk else triton_kernels), None
 
 
 def _cuda_module():
@@ -24,10 +25,12 @@ def _cuda_module():
     return cuda_ops, cuda_ops.unavailable_reason()
 
 
-def _why_unavailable(name, device):
+def _why_unavailable(name, device, topk=False):
     """None if backend `name` can run on tensors of `device`, else the reason it cannot."""
     if name == "torch":
         return None
+    if name == "cuda" and topk:
+        return "the CUDA kernels have no top-k teacher path (backend='triton' or 'torch' has one)"
     if name == "triton":
         module, why = _triton_module()
         if why:
@@ -45,6 +48,10 @@ def _why_unavailable(name, device):
     raise ValueError(f"unknown backend {name!r}")
 
 
+def _order(device):
+    return ("triton", "cuda", "torch") if device.type == "cuda" else ("torch", "triton", "cuda")
+
+
 def available_backends(device=None):
     """Backends that can run on `device` here, fastest first; ``backend="auto"`` takes the first.
 
@@ -54,17 +61,19 @@ def available_backends(device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch", "triton", "cuda")
-    return [name for name in order if _why_unavailable(name, device) is None]
+    return [name for name in _order(device) if _why_unavailable(name, device) is None]
 
 
-def resolve(backend, device):
-    """The launcher module for `backend` ("auto", "triton", "cuda", "torch") on `device`."""
+def resolve(backend, device, topk=False):
+    """The launcher module for `backend` ("auto", "triton", "cuda", "torch") on `device`;
+    `topk`: for a top-k teacher (the launchers hrm_loss_topk_fwd / hrm_loss_topk_bwd)."""
     if backend == "auto":
-        backend = available_backends(device)[0]
-    why = _why_unavailable(backend, device)
+        # the first that can run; stopping there spares a just-in-time CUDA build behind it
+        backend = next(n for n in _order(device) if _why_unavailable(n, device, topk) is None)
+    why = _why_unavailable(backend, device, topk)
     if why:
-        raise ValueError(f"backend={backend!r} is not available for {device} tensors: {why}")
+        raise ValueError(f"backend={backend!r} is not available for {device} tensors"
+                         f"{' with a top-k teacher' if topk else ''}: {why}")
     if backend == "torch":
         return torch_impl
-    return (_triton_module if backend == "triton" else _cuda_module)()[0]
+    return _triton_module(topk)[0] if backend == "triton" else _cuda_module()[0]

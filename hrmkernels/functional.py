@@ -4,8 +4,9 @@ from typing import NamedTuple
 import torch
 
 from hrmkernels import backends
-from hrmkernels._checks import check_num_items, check_options, check_tensors
-from hrmkernels.autograd import HRMLossFunction
+from hrmkernels._checks import check_num_items, check_options, check_teacher_topk, check_tensors
+from hrmkernels.autograd import HRMLossFunction, HRMTopKLossFunction
+from hrmkernels.parallel import VocabParallelHRMLossFunction, shard_layout
 
 
 class HRMLoss(NamedTuple):
@@ -15,10 +16,11 @@ class HRMLoss(NamedTuple):
     kl: torch.Tensor
 
 
-def fused_hrm_loss(student_logits, teacher_logits, labels, hrm, *, temperature=1.0,
-                   ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                   kl_direction="forward", num_items_in_batch=None, backend="auto",
-                   return_components=False, inplace_backward=False):
+def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *,
+                   teacher_topk=None, topk_mode="rest", temperature=1.0, ignore_index=-100,
+                   reduction="mean", label_smoothing=0.0, kl_direction="forward",
+                   num_items_in_batch=None, backend="auto", return_components=False,
+                   inplace_backward=False, process_group=None, vocab_start_index=None):
     """Causal-LM cross-entropy plus hrm times the KL divergence to a teacher, in one fused pass.
 
     Per token: ``CE(z, y) + hrm * KL(softmax(u / T) || softmax(z / T))`` (``kl_direction=
@@ -31,24 +33,73 @@ def fused_hrm_loss(student_logits, teacher_logits, labels, hrm, *, temperature=1
             A padded teacher vocabulary is passed as the view ``teacher_logits[..., :V]``.
         labels: (...) int64 or int32; ``ignore_index`` marks tokens that contribute nothing.
         hrm: weight of the KL term, >= 0.
+        teacher_topk: instead of teacher_logits, a sparse teacher ``(indices, logprobs)``, each
+            (..., k): the teacher's top-k token ids (distinct, in [0, V)) and their
+            log-probabilities, as stored offline (DistillKit, Megatron top-k KD). The
+            log-probabilities are used as given, so store them at the KL temperature
+            (``log_softmax(u / T).topk(k)``); T divides only the student's logits. They get no
+            gradient. Memory: k ids and k log-probabilities per token instead of V logits.
+        topk_mode: what happens to the probability mass outside the top-k.
+            "rest" (default): one more outcome, "everything else", with the teacher's mass
+            ``P = 1 - sum(exp(logprobs))`` (clamped at 0; 0 when k = V) and the student's mass
+            outside the top-k ``Q``; the KL is over these k + 1 outcomes (Megatron's "ghost"
+            bucket). It is never above the full KL and equals it when k = V. The student's
+            logits outside the top-k get the gradient of the full KL against a teacher that
+            spreads P over them like the student does. Reverse KL is infinite where P = 0 < Q
+            (e.g. bf16 log-probabilities that add up past 1): use fp32 log-probabilities, or
+            "renormalize", for reverse KL.
+            "renormalize": both distributions renormalised over the top-k; the student's logits
+            outside the top-k then get no KL gradient (only the CE's).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
         backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
+            Top-k teachers run on "triton" and "torch".
         return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction.
         inplace_backward: write the student gradient into student_logits' storage (saves one
             N x V buffer; the logits are garbage after backward).
+        process_group: vocabulary parallelism. Student and teacher logits are this rank's slice
+            of the vocabulary (equal slices in rank order, or starting at `vocab_start_index`);
+            labels are global. Every rank gets the loss over the whole vocabulary after two
+            all-reduces of O(N) floats; the backward communicates nothing. DTensor logits
+            sharded on the last dimension are used the same way, through their local shards.
 
     Returns:
         The loss as a float32 tensor (float64 for float64 inputs on the torch backend), or
         ``HRMLoss`` with ``return_components=True``.
+
+    Nothing here synchronises the host, so a training step using the loss can be captured in a
+    CUDA graph, and ``torch.compile(fullgraph=True)`` traces it without a graph break.
     """
-    check_tensors(student_logits, teacher_logits, labels)
+    if labels is None:
+        raise TypeError("fused_hrm_loss() is missing labels")
+    if hrm is None:
+        raise TypeError("fused_hrm_loss() is missing hrm (the weight of the KL term)")
+    if (teacher_logits is None) == (teacher_topk is None):
+        raise TypeError("fused_hrm_loss() needs exactly one teacher: teacher_logits or "
+                        "teacher_topk")
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend)
-    check_num_items(num_items_in_batch, student_logits.device)
-    impl = backends.resolve(backend, student_logits.device)
-    out = HRMLossFunction.apply(student_logits, teacher_logits, labels, float(hrm),
-                                float(temperature), float(label_smoothing), int(ignore_index),
-                                kl_direction == "reverse", impl, bool(inplace_backward))
+    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index),
+               kl_direction == "reverse")
+    sharded = process_group is not None or hasattr(student_logits, "to_local")   # or a DTensor
+    if teacher_topk is None:
+        if sharded:
+            student_logits, teacher_logits, process_group, start, v_total = shard_layout(
+                student_logits, teacher_logits, process_group, vocab_start_index)
+        check_tensors(student_logits, teacher_logits, labels)
+        check_num_items(num_items_in_batch, student_logits.device)
+        impl = backends.resolve(backend, student_logits.device)
+        args = (student_logits, teacher_logits, labels, *options, impl, bool(inplace_backward))
+        out = (VocabParallelHRMLossFunction.apply(*args, process_group, start, v_total) if sharded
+               else HRMLossFunction.apply(*args))
+    elif sharded:
+        raise ValueError("process_group (vocabulary parallelism) needs teacher_logits; a top-k "
+                         "teacher is not sharded by vocabulary")
+    else:
+        check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
+        check_num_items(num_items_in_batch, student_logits.device)
+        impl = backends.resolve(backend, student_logits.device, topk=True)
+        out = HRMTopKLossFunction.apply(student_logits, *teacher_topk, labels, *options,
+                                        topk_mode == "renormalize", impl, bool(inplace_backward))
     if reduction == "none":
         out = [t.view(labels.shape) for t in out]
     else:

@@ -8,10 +8,63 @@ N x V tensors. Tests compare every backend with it in float64; it is not a backe
     KL    = sum_v p_v (log p_v - log q_v)        forward (teacher || student)
           = sum_v q_v (log q_v - log p_v)        reverse (student || teacher)
     token = CE + hrm * KL                        (0 at ignored tokens)
+
+A sparse teacher (hrm_loss_topk_reference) is given per token as distinct indices t_1..t_k and
+log-probabilities l_i = log p_{t_i}, used as given: they are the teacher's distribution at the
+KL temperature already (log_softmax(u / T).topk(k)); T divides only the student's logits.
+
+    "rest"         k + 1 outcomes, the top-k and one bucket for everything else:
+                   P = max(1 - sum_i p_i, 0) (0 when k = V),  Q = sum_{v not in top-k} q_v
+                   KL = sum_i p_i (l_i - log q_{t_i}) + P (log P - log Q)       forward
+                      = sum_i q_{t_i} (log q_{t_i} - l_i) + Q (log Q - log P)   reverse
+    "renormalize"  k outcomes: p^_i = p_i / sum_j p_j,  q^_i = q_{t_i} / sum_j q_{t_j},
+                   KL = sum_i p^_i (log p^_i - log q^_i)  (reverse swaps p^ and q^)
 """
 import torch
 
-from hrmkernels._checks import check_num_items, check_options, check_tensors
+from hrmkernels._checks import (check_num_items, check_options, check_teacher_topk,
+                                check_tensors)
+
+
+def _compute_dtype(*tensors):
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _ignored_rows_zero(x, keep):
+    """x with ignored rows replaced by zeros: their (discarded) loss stays finite, so that no
+    0 * inf = NaN reaches the gradient of the kept rows through autograd."""
+    return torch.where(keep.unsqueeze(-1), x, 0.0)
+
+
+def _ce(z, labels, keep, eps):
+    log_sm = torch.log_softmax(z, dim=-1)
+    nll = -log_sm.gather(-1, torch.where(keep, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return (1 - eps) * nll + eps * -log_sm.mean(-1) if eps > 0 else nll
+
+
+def _kl(log_p, log_q):
+    """sum p (log p - log q) over the last dimension; 0 * log 0 = 0, masked before the product so
+    that autograd never meets 0 * inf."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components):
+    """token = CE + hrm * KL, zeroed at ignored tokens, then reduced."""
+    loss = ce + hrm * kl if hrm > 0 else ce   # hrm == 0 drops the KL term, even an infinite one
+    zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    out = tuple(torch.where(keep, t, zero) for t in (loss, ce, kl))
+    if reduction != "none":
+        out = tuple(t.sum() for t in out)
+        if reduction == "mean":
+            n = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+            denom = n.to(device=ce.device, dtype=ce.dtype).clamp_min(1)
+            out = tuple(t / denom for t in out)
+    loss, ce, kl = out
+    return (loss, ce.detach(), kl.detach()) if return_components else loss
 
 
 def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperature=1.0,
@@ -25,35 +78,47 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
     check_tensors(student_logits, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch")
     check_num_items(num_items_in_batch, student_logits.device)
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype),
-                                torch.float32)
-    z, u = student_logits.to(dtype), teacher_logits.to(dtype)
+    dtype = _compute_dtype(student_logits, teacher_logits)
     keep = labels != ignore_index
-    eps = float(label_smoothing)
-
-    log_sm = torch.log_softmax(z, dim=-1)
-    nll = -log_sm.gather(-1, torch.where(keep, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    ce = (1 - eps) * nll + eps * -log_sm.mean(-1) if eps > 0 else nll
-
+    z, u = (_ignored_rows_zero(x.to(dtype), keep) for x in (student_logits, teacher_logits))
+    ce = _ce(z, labels, keep, float(label_smoothing))
     log_q = torch.log_softmax(z / temperature, dim=-1)
     log_p = torch.log_softmax(u / temperature, dim=-1)
-    if kl_direction == "reverse":
-        log_p, log_q = log_q, log_p          # KL(q || p) is KL(p || q) with the roles swapped
-    p = log_p.exp()
-    # 0 * log 0 = 0: mask the difference before the product, so autograd never meets 0 * inf.
-    kl = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
+    return _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components)
 
-    loss = ce + hrm * kl if hrm > 0 else ce   # hrm == 0 drops the KL term, even an infinite one
-    zero = torch.zeros((), dtype=dtype, device=z.device)
-    loss, ce, kl = (torch.where(keep, t, zero) for t in (loss, ce, kl))
 
-    if reduction == "none":
-        out = (loss, ce, kl)
+def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_mode="rest",
+                            temperature=1.0, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, kl_direction="forward", num_items_in_batch=None,
+                            return_components=False):
+    """CE + hrm * KL to a top-k teacher ``(indices, logprobs)``, each (..., k); see the module
+    docstring for the two ``topk_mode`` choices. Same results as ``fused_hrm_loss(...,
+    teacher_topk=...)``; the log-probabilities get no gradient.
+    """
+    check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch")
+    check_num_items(num_items_in_batch, student_logits.device)
+    idx, logp = teacher_topk
+    dtype = _compute_dtype(student_logits, logp)
+    keep = labels != ignore_index
+    z = _ignored_rows_zero(student_logits.to(dtype), keep)
+    lp, idx = logp.detach().to(dtype), idx.long()
+    ce = _ce(z, labels, keep, float(label_smoothing))
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, idx)
+    if topk_mode == "renormalize":
+        log_p, log_q = lp.log_softmax(-1), log_q_top.log_softmax(-1)
     else:
-        out = tuple(t.sum() for t in (loss, ce, kl))
-        if reduction == "mean":
-            n = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-            denom = n.to(device=z.device, dtype=dtype).clamp_min(1)
-            out = tuple(t / denom for t in out)
-    loss, ce, kl = out
-    return (loss, ce.detach(), kl.detach()) if return_components else loss
+        # P = 1 - sum_i p_i, written -expm1(log sum_i p_i) so that P ~ 1e-30 does not round to 0
+        rest_p = (-torch.expm1(lp.logsumexp(-1))).clamp_min(0) * (idx.shape[-1] < z.shape[-1])
+        # log Q = log sum of q outside the top-k; where nothing is left, Q = 0 (and no NaN
+        # gradient from a log-sum-exp over nothing but -inf).
+        outside = log_q.scatter(-1, idx, float("-inf"))
+        has_rest = (outside > float("-inf")).any(-1, keepdim=True)
+        log_rest_q = torch.where(has_rest, torch.where(has_rest, outside, 0.0).logsumexp(-1, True),
+                                 float("-inf"))
+        log_p = torch.cat([lp, rest_p.log().unsqueeze(-1)], -1)
+        log_q = torch.cat([log_q_top, log_rest_q], -1)
+    kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
+    return _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components)

@@ -1,64 +1,90 @@
 """backend="torch": the fused HRM loss in pure PyTorch, memory-frugal, for any device.
 
-Same contract as the Triton launchers (hrm_loss_fwd / hrm_loss_bwd): rows are processed in
-chunks of about CHUNK_ELEMENTS logits, so the fp32 temporaries never exceed a few chunk-sized
-tensors whatever N is; the forward saves per-row log-sum-exps and the backward is written by
-hand from DESIGN.md section 1 instead of keeping an autograd graph over N x V tensors.
+Same contract as the Triton launchers (hrm_loss_fwd / hrm_loss_bwd, and hrm_loss_topk_fwd /
+hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
+logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is; the
+forward saves per-row log-sum-exps and the backward is written by hand from DESIGN.md section 1
+(top-k: triton_topk_kernels.py) instead of keeping an autograd graph over N x V tensors.
 Math runs in float32, or float64 when an input is float64.
+
+The launchers call custom ops (torch.ops.hrmkernels.*_torch), which torch.compile treats as
+opaque calls: a compiled model runs these loops unchanged. The CPU label and index checks run
+inside the ops, so they also run in a compiled model; they are skipped only while tracing
+(torch.compiler.is_compiling()) and on other devices, where a bad label or index gives a NaN
+loss instead, as in the GPU kernels.
 """
 import torch
+from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 21   # ~8 MB per fp32 temporary
 
 
-def _chunks(z, u):
-    """Yield (r0, r1, z_chunk, u_chunk, b, s0, s1): row ranges of the (B, S, V) views, no copies."""
+def _rows(z):
+    """Yield (r0, r1, b, s0, s1): rows r0:r1 of the (B, S, V) view z are z[b, s0:s1]."""
     _, s_len, v = z.shape
     step = max(1, CHUNK_ELEMENTS // v)
     for b in range(z.shape[0]):
         for s0 in range(0, s_len, step):
             s1 = min(s0 + step, s_len)
-            yield b * s_len + s0, b * s_len + s1, z[b, s0:s1], u[b, s0:s1], b, s0, s1
+            yield b * s_len + s0, b * s_len + s1, b, s0, s1
 
 
 def _compute_dtype(z, u):
     return torch.promote_types(torch.promote_types(z.dtype, u.dtype), torch.float32)
 
 
+def _checking(t):
+    # On CPU the tensors are host memory: checking them costs no device synchronisation.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_labels(labels, ignore_index, v):
-    # On CPU the labels are host memory: checking them costs no device synchronisation. On a GPU
-    # (and while tracing) an out-of-range label gives a NaN loss instead, like the kernels.
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _checking(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if bad.any():  # sync-ok: CPU tensor
-        first = bad.nonzero()[0, 0]
+        first = bad.nonzero()[0, 0]  # sync-ok: CPU tensor
         raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index={ignore_index}; "
                          f"found {labels[first]} at flat position {first}")
 
 
-def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """As triton_kernels.hrm_loss_fwd; outputs are float64 when an input is float64."""
+def _ce(zc, y, v, eps):
+    """lse(z) and CE per row of the chunk zc; NaN CE for a label outside [0, V)."""
+    valid = (y >= 0) & (y < v)
+    lse_z = torch.logsumexp(zc, -1)
+    z_y = zc.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
+    z_y = torch.where(valid, z_y, torch.nan)
+    ce = lse_z - z_y if eps == 0 else lse_z - (1 - eps) * z_y - eps * zc.mean(-1)
+    return lse_z, ce
+
+
+def _ce_grad(zc, lse_z, y, v, eps):
+    """d CE / dz = softmax(z) - eps / V - (1 - eps) onehot(y), for the chunk zc."""
+    d_z = (zc - lse_z).exp_().sub_(eps / v)
+    valid = ((y >= 0) & (y < v)).to(zc.dtype)[:, None]
+    d_z.scatter_add_(1, y.clamp(0, v - 1)[:, None], valid * (eps - 1))   # -(1 - eps) at y
+    return d_z
+
+
+def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
     v = z.shape[-1]
     _check_labels(labels, ignore_index, v)
     dtype, eps = _compute_dtype(z, u), float(label_smoothing)
     n = labels.numel()
     ce, kl = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(2))
     stats = torch.empty(n, 4, dtype=dtype, device=z.device)
-    for r0, r1, zc, uc, *_ in _chunks(z, u):
+    for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
-        valid = (y >= 0) & (y < v)
-        zc, uc = zc.to(dtype), uc.to(dtype)
+        zc, uc = z[bi, s0:s1].to(dtype), u[bi, s0:s1].to(dtype)
         a, b = zc / temperature, uc / temperature
-        lse_z, lse_a, lse_b = (torch.logsumexp(x, -1) for x in (zc, a, b))
+        lse_z, ce_c = _ce(zc, y, v, eps)
+        lse_a, lse_b = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
         # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see triton_kernels.py)
         w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if reverse else \
             ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
-        mu = (w * torch.where(w > 0, d, 0.0)).sum(-1)
+        # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
+        mu = (w * torch.where(w > 0, d, 0.0)).sum(-1) / w.sum(-1)
         kl_c = (mu + lse_d).clamp_min(0)
-        z_y = zc.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
-        z_y = torch.where(valid, z_y, torch.nan)
-        ce_c = lse_z - z_y if eps == 0 else lse_z - (1 - eps) * z_y - eps * zc.mean(-1)
         keep = y != ignore_index
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
         kl[r0:r1] = torch.where(keep, kl_c, 0.0)
@@ -67,21 +93,18 @@ def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, 
     return loss, ce, kl, stats
 
 
-def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-                 reverse, dz, du):
-    """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du."""
+def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, reverse,
+         dz, du):
     v = z.shape[-1]
     dtype, eps, c = _compute_dtype(z, u), float(label_smoothing), hrm / temperature
-    for r0, r1, zc, uc, b_idx, s0, s1 in _chunks(z, u):
+    for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
         g = torch.where(y != ignore_index, grad[r0:r1].to(dtype), 0.0)[:, None]
         lse_z, lse_a, lse_b, mu = (stats[r0:r1, i, None].to(dtype) for i in range(4))
-        zc = zc.to(dtype)
-        d_z = (zc - lse_z).exp_().sub_(eps / v)
-        valid = ((y >= 0) & (y < v)).to(dtype)[:, None]
-        d_z.scatter_add_(1, y.clamp(0, v - 1)[:, None], valid * (eps - 1))   # -(1 - eps) at y
+        zc = z[bi, s0:s1].to(dtype)
+        d_z = _ce_grad(zc, lse_z, y, v, eps)
         if hrm > 0:
-            a, b = zc / temperature, uc.to(dtype) / temperature
+            a, b = zc / temperature, u[bi, s0:s1].to(dtype) / temperature
             q, p = (a - lse_a).exp(), (b - lse_b).exp()
             if reverse:
                 d_z += c * torch.where(q > 0, q * ((a - b) - mu), 0.0)
@@ -90,7 +113,202 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
                 d_z += c * (q - p)
                 d_u = c * torch.where(p > 0, p * ((b - a) - mu), 0.0)
             if du is not None:
-                du[b_idx, s0:s1] = d_u * g
+                du[bi, s0:s1] = d_u * g
         elif du is not None:
-            du[b_idx, s0:s1] = 0
-        dz[b_idx, s0:s1] = d_z * g
+            du[bi, s0:s1] = 0
+        dz[bi, s0:s1] = d_z * g
+
+
+# Top-k teachers: the math, the stats and the gradient are derived in triton_topk_kernels.py.
+
+def _check_topk_indices(idx, v):
+    if not _checking(idx):
+        return
+    bad = (idx < 0) | (idx >= v)
+    if bad.any():  # sync-ok: CPU tensor
+        raise ValueError(f"teacher_topk indices must lie in [0, {v}) (the student's vocabulary); "
+                         f"found {idx[bad][0]}")  # sync-ok: CPU tensor
+
+
+def rest_mass(lp):
+    """P = 1 - sum_i exp(l_i) over the last dimension, accurate when the top-k hold nearly all
+    the mass: log sum_i exp(l_i) = m + log1p(the others' sum relative to the maximum m), then
+    P = -expm1(that), clamped at 0 (log-probabilities rounded to bf16 can add up past 1)."""
+    m = lp.amax(-1, keepdim=True)
+    e = (lp - torch.where(m == float("-inf"), 0.0, m)).exp()
+    e = e.scatter(-1, lp.argmax(-1, keepdim=True), 0.0)   # the maximum's own term is exactly 1
+    return (-torch.expm1(m.squeeze(-1) + torch.log1p(e.sum(-1)))).clamp_min(0)
+
+
+def _xlogy_diff(w, d):
+    """sum w * d over the last dimension, 0 where w == 0 (0 * log 0 = 0, even at d = inf)."""
+    return (w * torch.where(w > 0, d, 0.0)).sum(-1)
+
+
+def _bucket_kl(log_w, log_v):
+    """w (log w - log v) from logs: 0 where w = 0, +inf where v = 0 < w (even if exp(log w)
+    underflows), as in the kernel."""
+    w = log_w.exp()
+    term = torch.where(w > 0, w * (log_w - log_v), 0.0)
+    return torch.where((log_v == float("-inf")) & (log_w > float("-inf")), float("inf"), term)
+
+
+def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, reverse,
+              renormalize):
+    v = z.shape[-1]
+    _check_labels(labels, ignore_index, v)
+    _check_topk_indices(idx, v)
+    dtype, eps = _compute_dtype(z, lp), float(label_smoothing)
+    n = labels.numel()
+    ce, kl = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(2))
+    stats = torch.empty(n, 4, dtype=dtype, device=z.device)
+    for r0, r1, bi, s0, s1 in _rows(z):
+        y = labels[r0:r1].long()
+        zc, lt = z[bi, s0:s1].to(dtype), lp[bi, s0:s1].to(dtype)
+        ic = idx[bi, s0:s1].long()
+        ok = ((ic >= 0) & (ic < v)).all(-1)
+        ic = ic.clamp(0, v - 1)      # never read out of bounds: the row's KL is NaN instead
+        lse_z, ce_c = _ce(zc, y, v, eps)
+        a = zc / temperature
+        a_top = a.gather(1, ic)
+        if renormalize:
+            lse_s, lse_t = a_top.logsumexp(-1), lt.logsumexp(-1)
+            ls, lt = a_top - lse_s[:, None], lt - lse_t[:, None]
+            kl_c = _xlogy_diff(ls.exp(), ls - lt) if reverse else _xlogy_diff(lt.exp(), lt - ls)
+            slot2 = lse_t
+        else:
+            lse_s = a.logsumexp(-1)
+            lse_r = a.scatter(1, ic, float("-inf")).logsumexp(-1)   # outside the top-k
+            ls = a_top - lse_s[:, None]
+            # P in float64, as in the kernel (k values per row)
+            log_pr = rest_mass(lt.double()).log().to(dtype) if lt.shape[-1] < v else \
+                torch.full_like(lse_s, -torch.inf)
+            log_qr = lse_r - lse_s
+            if reverse:
+                kl_c = _xlogy_diff(ls.exp(), ls - lt) + _bucket_kl(log_qr, log_pr)
+            else:
+                kl_c = _xlogy_diff(lt.exp(), lt - ls) + _bucket_kl(log_pr, log_qr)
+            # L: outside the top-k the implied teacher is P * q_v / Q = exp(a_v - L)
+            slot2 = torch.where(log_pr == float("-inf"), float("inf"), lse_r - log_pr)
+        kl_c = torch.where(ok, kl_c.clamp_min(0), torch.nan)
+        keep = y != ignore_index
+        ce[r0:r1] = torch.where(keep, ce_c, 0.0)
+        kl[r0:r1] = torch.where(keep, kl_c, 0.0)
+        stats[r0:r1] = torch.stack((lse_z, lse_s, slot2, kl_c), 1)
+    loss = ce + hrm * kl if hrm > 0 else ce.clone()
+    return loss, ce, kl, stats
+
+
+def _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
+              reverse, renormalize, dz):
+    v = z.shape[-1]
+    dtype, eps, c = _compute_dtype(z, lp), float(label_smoothing), hrm / temperature
+    for r0, r1, bi, s0, s1 in _rows(z):
+        y = labels[r0:r1].long()
+        g = torch.where(y != ignore_index, grad[r0:r1].to(dtype), 0.0)[:, None]
+        lse_z, lse_s, slot2, kl = (stats[r0:r1, i, None].to(dtype) for i in range(4))
+        zc = z[bi, s0:s1].to(dtype)
+        d_z = _ce_grad(zc, lse_z, y, v, eps)
+        if hrm > 0:
+            ic = idx[bi, s0:s1].long().clamp(0, v - 1)
+            d_top = d_z.gather(1, ic)                 # the CE part at the top-k entries
+            a = zc / temperature
+            if not renormalize:                       # outside the top-k (rest bucket)
+                q = (a - lse_s).exp()
+                if reverse:
+                    d_z += c * torch.where(q > 0, q * ((slot2 - lse_s) - kl), 0.0)
+                else:
+                    d_z += c * (q - torch.where(a > float("-inf"), (a - slot2).exp(), 0.0))
+            ls = a.gather(1, ic) - lse_s
+            lt = lp[bi, s0:s1].to(dtype) - (slot2 if renormalize else 0.0)
+            q_top = ls.exp()
+            if reverse:
+                d_top += c * torch.where(q_top > 0, q_top * (ls - lt - kl), 0.0)
+            else:
+                d_top += c * (q_top - lt.exp())
+            d_z.scatter_(1, ic, d_top)                # the top-k entries' own gradient
+        dz[bi, s0:s1] = torch.where(y[:, None] != ignore_index, d_z * g, 0.0)   # exact 0 if ignored
+
+
+# Custom ops: torch.compile treats them as opaque calls (FakeTensor tracing sees only the shapes
+# registered below). The backward writes into dz (and du) in place, like the CUDA op's schema
+# "Tensor(a!) dz, Tensor(b!)? du".
+
+@torch.library.custom_op("hrmkernels::hrm_loss_fwd_torch", mutates_args=())
+def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperature: float,
+                     label_smoothing: float, ignore_index: int, reverse: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse)
+
+
+def _fwd_fake(z, u, labels, *options):
+    n, dtype = labels.shape[0], _compute_dtype(z, u)
+    return (*(z.new_empty(n, dtype=dtype) for _ in range(3)), z.new_empty((n, 4), dtype=dtype))
+
+
+_hrm_loss_fwd_op.register_fake(_fwd_fake)
+
+
+@torch.library.custom_op("hrmkernels::hrm_loss_bwd_torch", mutates_args=("dz", "du"))
+def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: Tensor,
+                     hrm: float, temperature: float, label_smoothing: float, ignore_index: int,
+                     reverse: bool, dz: Tensor, du: Tensor | None) -> None:
+    _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, reverse, dz,
+         du)
+
+
+_hrm_loss_bwd_op.register_fake(lambda *args: None)
+
+
+@torch.library.custom_op("hrmkernels::hrm_loss_topk_fwd_torch", mutates_args=())
+def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hrm: float,
+                          temperature: float, label_smoothing: float, ignore_index: int,
+                          reverse: bool, renormalize: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
+                     reverse, renormalize)
+
+
+_hrm_loss_topk_fwd_op.register_fake(lambda z, idx, lp, labels, *options: _fwd_fake(z, lp, labels))
+
+
+@torch.library.custom_op("hrmkernels::hrm_loss_topk_bwd_torch", mutates_args=("dz",))
+def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, stats: Tensor,
+                          grad: Tensor, hrm: float, temperature: float, label_smoothing: float,
+                          ignore_index: int, reverse: bool, renormalize: bool, dz: Tensor) -> None:
+    _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
+              reverse, renormalize, dz)
+
+
+_hrm_loss_topk_bwd_op.register_fake(lambda *args: None)
+
+
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
+    """As triton_kernels.hrm_loss_fwd; outputs are float64 when an input is float64."""
+    return torch.ops.hrmkernels.hrm_loss_fwd_torch(z, u, labels, float(hrm), float(temperature),
+                                                   float(label_smoothing), int(ignore_index),
+                                                   bool(reverse))
+
+
+def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
+                 reverse, dz, du):
+    """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du."""
+    torch.ops.hrmkernels.hrm_loss_bwd_torch(z, u, labels, stats, grad, float(hrm),
+                                            float(temperature), float(label_smoothing),
+                                            int(ignore_index), bool(reverse), dz, du)
+
+
+def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
+                      reverse, renormalize):
+    """As triton_topk_kernels.hrm_loss_topk_fwd; float64 outputs when an input is float64."""
+    return torch.ops.hrmkernels.hrm_loss_topk_fwd_torch(
+        z, idx, lp, labels, float(hrm), float(temperature), float(label_smoothing),
+        int(ignore_index), bool(reverse), bool(renormalize))
+
+
+def hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing,
+                      ignore_index, reverse, renormalize, dz):
+    """Write d(sum_r grad_r * loss_r)/dz into dz (the top-k log-probabilities get no gradient)."""
+    torch.ops.hrmkernels.hrm_loss_topk_bwd_torch(
+        z, idx, lp, labels, stats, grad, float(hrm), float(temperature), float(label_smoothing),
+        int(ignore_index), bool(reverse), bool(renormalize), dz)

@@ -37,6 +37,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Widest vocabulary block a program loads at once. The interpreter pays per operation, not per
@@ -196,7 +198,8 @@ def _hrm_loss_bwd_kernel(
 
 
 def _block_v(v):
-    return min(triton.next_power_of_2(v), MAX_BLOCK_V)
+    # int(): under torch.compile's dynamic shapes V is a SymInt; the block size specialises on it
+    return min(triton.next_power_of_2(int(v)), MAX_BLOCK_V)
 
 
 def _device_of(x):
@@ -204,20 +207,79 @@ def _device_of(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) and stats (N, 4), fp32."""
-    n, v = labels.numel(), z.shape[-1]
+# Custom ops. On a GPU they are torch.library.triton_op: torch.compile sees through them to the
+# kernels (Inductor launches them itself, also inside CUDA graphs), and FakeTensor tracing runs
+# their bodies with fake tensors, which is why a body only allocates and launches. Python
+# numbers are schema arguments (float/int/bool). The backward writes dz (and du) in place, as
+# the CUDA op's schema "Tensor(a!) dz, Tensor(b!)? du" does.
+
+def custom_triton_op(name, mutates_args, fake):
+    """Register fn as the op `name`: a triton_op, or under TRITON_INTERPRET=1 an opaque custom_op.
+
+    The interpreter's kernels are plain Python that FakeTensor tracing cannot see through
+    (wrap_triton returns them unwrapped), so there the op is opaque and `fake` gives its shapes.
+    """
+    def register(fn):
+        if not INTERPRETED:
+            return torch.library.triton_op(name, fn, mutates_args=mutates_args)
+        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def _fwd_fake(z, u, labels, *options):
+    n = labels.shape[0]
+    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(3)),
+            z.new_empty((n, 4), dtype=torch.float32))
+
+
+def _no_output(*args):
+    return None
+
+
+@custom_triton_op("hrmkernels::hrm_loss_fwd_triton", (), _fwd_fake)
+def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperature: float,
+                     label_smoothing: float, ignore_index: int, reverse: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, v = labels.shape[0], z.shape[-1]
     loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
     stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     if n:
         with _device_of(z):
-            _hrm_loss_fwd_kernel[(n,)](
+            wrap_triton(_hrm_loss_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
-                loss, ce, kl, stats, z.shape[1], v, float(hrm), 1.0 / temperature,
-                float(label_smoothing), ignore_index,
+                loss, ce, kl, stats, z.shape[1], v, hrm, 1.0 / temperature,
+                label_smoothing, ignore_index,
                 REVERSE=reverse, SMOOTH=label_smoothing > 0, UNIT_T=temperature == 1.0,
                 BLOCK_V=_block_v(v), num_warps=8)
     return loss, ce, kl, stats
+
+
+@custom_triton_op("hrmkernels::hrm_loss_bwd_triton", ("dz", "du"), _no_output)
+def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: Tensor,
+                     hrm: float, temperature: float, label_smoothing: float, ignore_index: int,
+                     reverse: bool, dz: Tensor, du: Tensor | None) -> None:
+    n, v = labels.shape[0], z.shape[-1]
+    if not n:
+        return
+    block = _block_v(v)
+    write_du = du is not None
+    du = du if write_du else dz
+    with _device_of(z):
+        wrap_triton(_hrm_loss_bwd_kernel)[(n, triton.cdiv(v, block))](
+            z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
+            grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
+            z.shape[1], v, hrm, 1.0 / temperature, label_smoothing, ignore_index,
+            REVERSE=reverse, HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0,
+            BLOCK_V=block, num_warps=8)
+
+
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
+    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) and stats (N, 4), fp32."""
+    return torch.ops.hrmkernels.hrm_loss_fwd_triton(z, u, labels, float(hrm), float(temperature),
+                                                    float(label_smoothing), int(ignore_index),
+                                                    bool(reverse))
 
 
 def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
@@ -227,16 +289,6 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
     grad is (N,) fp32, possibly a stride-0 expansion of a scalar; dz, du are (B, S, V) views
     (dz may be z itself for an in-place backward).
     """
-    n, v = labels.numel(), z.shape[-1]
-    if not n:
-        return
-    block = _block_v(v)
-    write_du = du is not None
-    du = du if write_du else dz
-    with _device_of(z):
-        _hrm_loss_bwd_kernel[(n, triton.cdiv(v, block))](
-            z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
-            grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
-            z.shape[1], v, float(hrm), 1.0 / temperature, float(label_smoothing), ignore_index,
-            REVERSE=reverse, HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0,
-            BLOCK_V=block, num_warps=8)
+    torch.ops.hrmkernels.hrm_loss_bwd_triton(z, u, labels, stats, grad, float(hrm),
+                                             float(temperature), float(label_smoothing),
+                                             int(ignore_index), bool(reverse), dz, du)

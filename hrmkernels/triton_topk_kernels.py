@@ -1,0 +1,337 @@
+"""Triton kernels for the fused HRM loss with a sparse teacher (top-k ids and log-probabilities).
+
+A top-k teacher stores, per token, k distinct ids t_i and log-probabilities l_i (DistillKit,
+Megatron's top-k KD): k ids and k values instead of V logits. The log-probabilities are used as
+given (the teacher at the KL temperature already); T divides only the student: a = z / T,
+q = softmax(a), and ls_i = log q_{t_i} = a_{t_i} - lse(a). The kernel reads the student row once
+plus k gathers. Two choices for the teacher's mass outside the top-k (reference.py has the spec):
+
+"rest": one more outcome, everything else. P = 1 - sum_i exp(l_i), Q = sum_{v not in top-k} q_v,
+
+    forward KL = sum_i p_i (l_i - ls_i) + P (log P - log Q)
+    reverse KL = sum_i q_i (ls_i - l_i) + Q (log Q - log P)
+
+  Differentiating through Q, the gradient is the full-vocabulary one (triton_kernels.py) against
+  an implied teacher that spreads P over the rest like the student does: p~_v = P q_v / Q =
+  exp(a_v - L) outside the top-k, with L = lse_rest(a) - log P, and p~ = p on the top-k:
+
+    dKL/da_v = q_v - p~_v                                   forward
+             = q_v (log q_v - log p~_v - KL)                reverse; outside the top-k,
+               log q_v - log p~_v = log Q - log P = L - lse(a), the same for every v
+
+"renormalize": p^_i = p_i / sum_j p_j and q^_i = q_{t_i} / sum_j q_{t_j} over the top-k only:
+
+    forward KL = sum_i p^_i (log p^_i - log q^_i),  dKL/da_{t_i} = q^_i - p^_i
+    reverse KL = sum_i q^_i (log q^_i - log p^_i),  dKL/da_{t_i} = q^_i (log q^_i - log p^_i - KL)
+
+  and 0 outside the top-k. CE and its gradient are the dense kernel's, on the full row.
+
+Numerics. Q is never 1 - sum_i q_{t_i}: for a confident student that difference cancels to 0 in
+fp32 (Q < 1e-7) and the KL would be infinite. Instead the forward excludes the top-k from a
+third online log-sum-exp, lse_rest(a), block by block: with the ids sorted, each block's members
+are a contiguous run of them, so a row costs k block-wide compares (one per id), not V x k.
+P comes from the log-probabilities as -expm1(m + log1p(sum of the others' exp(l - m))), m =
+max l, in fp64 (k values per row): a teacher holding 1 - 1e-9 of its mass in the top-k gives
+P = 1e-9, not 0, and P ~ 1e-4 keeps more than fp32's three digits. With k = V there is no rest
+outcome and P = 0 (rounded log-probabilities need not add up to exactly 1).
+
+Stats saved per row (N, 4): lse(z), lse_s (lse(a) for "rest", lse over the top-k of a for
+"renormalize"), L ("rest") or lse_t = lse(l) ("renormalize"), and KL.
+
+Bytes per row (bf16 student, int64 ids, fp32 log-probabilities): forward reads z once (2V) and
+12k for the teacher; backward reads z again and writes dz (4V), plus 12k per vocabulary block.
+The backward writes the dense gradient of its block, then (after a barrier) overwrites the
+block's top-k entries with their own values, gathered before the dense store (dz may alias z).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from hrmkernels.triton_kernels import _block_v, _device_of, _online_lse, custom_triton_op
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) to full relative precision near 0 (Goldberg: log(u) * x / (u - 1), u = 1 + x)
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _one_minus_exp(x):
+    # 1 - exp(x) to full relative precision near 0 (Kahan: expm1(x) = (u - 1) * x / log(u))
+    u = tl.exp(x)
+    em1 = tl.where(x < -0.5, u - 1.0, (u - 1.0) * (x / tl.log(u)))
+    return -tl.where(u == 1.0, x, em1)
+
+
+@triton.jit
+def _lse_vec(x):
+    m = tl.max(x, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m + tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
+
+
+@triton.jit
+def _bucket_kl(log_w, log_v):
+    # w (log w - log v) for the rest bucket from logs: 0 where w = 0, and +inf where v = 0 < w,
+    # also when w underflows in exp (fp32: w < 1e-45), as it would in exact arithmetic.
+    w = tl.exp(log_w)
+    term = tl.where(w > 0.0, w * (log_w - log_v), 0.0)
+    return tl.where((log_v == float("-inf")) & (log_w > float("-inf")), float("inf"), term)
+
+
+@triton.jit
+def _hrm_loss_topk_fwd_kernel(
+    z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
+    i_ptr, i_sb, i_ss,           # teacher top-k ids (B, S, K), int32/int64, unit last stride
+    l_ptr, l_sb, l_ss,           # teacher top-k log-probabilities (B, S, K), any float dtype
+    srt_ptr,                     # (N, K) the ids sorted ascending per row; read only if REST
+    y_ptr,                       # labels (N,) int32/int64
+    loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
+    stats_ptr,                   # (N, 4) fp32 out: lse(z), lse_s, L or lse_t, KL
+    S, V, K, hrm, inv_t, eps, ignore_index,
+    REVERSE: tl.constexpr,       # KL(student || teacher)
+    REST: tl.constexpr,          # "rest" bucket, else "renormalize"
+    SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
+    UNIT_T: tl.constexpr,        # T == 1: a = z
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)   # int64: row * stride exceeds 2**31 at N*V > 2**31
+    y = tl.load(y_ptr + row).to(tl.int64)
+    if y == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(ce_ptr + row, 0.0)
+        tl.store(kl_ptr + row, 0.0)
+        for i in tl.static_range(4):
+            tl.store(stats_ptr + 4 * row + i, 0.0)
+        return
+    z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
+    cols = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)   # a scalar fp32 0 for loop carries
+    m_z, s_z, m_a, s_a, m_r, s_r = zero - float("inf"), zero, zero - float("inf"), zero, \
+        zero - float("inf"), zero
+    sum_z = zero
+    srt_row = srt_ptr + row * K
+    if REST:
+        srt = tl.load(srt_row + ks, mask=kmask, other=0)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_z, s_z, _e_z, _alpha_z = _online_lse(m_z, s_z, z)
+        if SMOOTH:
+            sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        if REST:
+            if UNIT_T:
+                a = z
+            else:
+                a = z * inv_t
+                m_a, s_a, _e_a, _alpha_a = _online_lse(m_a, s_a, a)
+            # This block's top-k members are srt[lo:hi]; mask them out of the rest's sum.
+            lo = tl.sum((kmask & (srt < v0)).to(tl.int32), axis=0)
+            hi = tl.sum((kmask & (srt < v0 + BLOCK_V)).to(tl.int32), axis=0)
+            member = cols < 0
+            for j in range(lo, hi):
+                member = member | (cols == tl.load(srt_row + j) - v0)
+            m_r, s_r, _e_r, _alpha_r = _online_lse(m_r, s_r, tl.where(member, float("-inf"), a))
+    lse_z = m_z + tl.log(s_z)
+
+    # k gathers: ids outside [0, V) are never dereferenced; they make the row's KL NaN.
+    i_row = i_ptr + (row // S) * i_sb + (row % S) * i_ss
+    l_row = l_ptr + (row // S) * l_sb + (row % S) * l_ss
+    idx = tl.load(i_row + ks, mask=kmask, other=0).to(tl.int64)
+    lp = tl.load(l_row + ks, mask=kmask, other=float("-inf")).to(tl.float32)
+    ok = (idx >= 0) & (idx < V)
+    all_ok = tl.sum((kmask & ~ok).to(tl.int32), axis=0) == 0
+    a_top = tl.load(z_row + tl.where(ok, idx, 0), mask=kmask, other=float("-inf")).to(tl.float32)
+    if not UNIT_T:
+        a_top = a_top * inv_t
+    if REST:
+        lse_s = lse_z if UNIT_T else m_a + tl.log(s_a)
+        log_qr = m_r + tl.log(s_r) - lse_s          # -inf when the top-k hold all the mass
+        # P = 1 - sum exp(l) = -expm1(lse(l)), lse(l) = m + log1p(the others relative to m), in
+        # fp64: k values per row, and P ~ 1e-4 from fp32 sums would keep only three digits.
+        lp64 = lp.to(tl.float64)
+        m_l = tl.max(lp64, axis=0)
+        e_l = tl.exp(lp64 - tl.where(m_l == float("-inf"), 0.0, m_l))
+        others = tl.sum(tl.where(ks == tl.argmax(lp64, axis=0), 0.0, e_l), axis=0)
+        pr = tl.maximum(_one_minus_exp(m_l + _log1p(others)), 0.0)
+        pr = tl.where(K == V, 0.0, pr)    # k = V: nothing is left outside, whatever the rounding
+        log_pr = tl.log(pr).to(tl.float32)
+        ls = a_top - lse_s
+        if REVERSE:
+            q = tl.exp(ls)
+            kl = tl.sum(tl.where(q > 0.0, q * (ls - lp), 0.0), axis=0) + _bucket_kl(log_qr, log_pr)
+        else:
+            p = tl.exp(lp)
+            kl = tl.sum(tl.where(p > 0.0, p * (lp - ls), 0.0), axis=0) + _bucket_kl(log_pr, log_qr)
+        slot2 = tl.where(pr > 0.0, log_qr + lse_s - log_pr, float("inf"))   # L
+    else:
+        lse_s = _lse_vec(a_top)
+        slot2 = _lse_vec(lp)                                               # lse_t
+        ls = a_top - lse_s
+        lt = lp - slot2
+        if REVERSE:
+            q = tl.exp(ls)
+            kl = tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
+        else:
+            p = tl.exp(lt)
+            kl = tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
+    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
+    kl = tl.where(all_ok, kl, float("nan"))
+
+    valid = (y >= 0) & (y < V)
+    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
+    ce = lse_z - z_y
+    if SMOOTH:
+        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
+    loss = ce
+    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
+        loss = ce + hrm * kl
+    tl.store(loss_ptr + row, loss)
+    tl.store(ce_ptr + row, ce)
+    tl.store(kl_ptr + row, kl)
+    tl.store(stats_ptr + 4 * row, lse_z)
+    tl.store(stats_ptr + 4 * row + 1, lse_s)
+    tl.store(stats_ptr + 4 * row + 2, slot2)
+    tl.store(stats_ptr + 4 * row + 3, kl)
+
+
+@triton.jit
+def _hrm_loss_topk_bwd_kernel(
+    z_ptr, z_sb, z_ss,           # student logits (B, S, V)
+    i_ptr, i_sb, i_ss,           # teacher top-k ids (B, S, K)
+    l_ptr, l_sb, l_ss,           # teacher top-k log-probabilities (B, S, K)
+    y_ptr,                       # labels (N,)
+    stats_ptr,                   # (N, 4) fp32 from the forward
+    g_ptr, g_stride,             # incoming gradient of the per-row loss (N,); stride 0 = scalar
+    dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
+    S, V, K, hrm, inv_t, eps, ignore_index,
+    REVERSE: tl.constexpr, REST: tl.constexpr, HAS_KL: tl.constexpr, UNIT_T: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grid = (N, cdiv(V, BLOCK_V)): each program owns one block of one row, top-k entries included.
+    row = tl.program_id(0).to(tl.int64)
+    v0 = tl.program_id(1).to(tl.int64) * BLOCK_V
+    cols = v0 + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    r_b, r_s = row // S, row % S
+    dz_row = dz_ptr + r_b * dz_sb + r_s * dz_ss
+    y = tl.load(y_ptr + row).to(tl.int64)
+    if y == ignore_index:   # ignored rows store an exact 0 gradient
+        tl.store(dz_row + cols, tl.zeros([BLOCK_V], dz_ptr.dtype.element_ty), mask=mask)
+        return
+    g = tl.load(g_ptr + row * g_stride).to(tl.float32)
+    lse_z = tl.load(stats_ptr + 4 * row)
+    z_row = z_ptr + r_b * z_sb + r_s * z_ss
+    z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    sm = tl.exp(z - lse_z)
+    dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
+    if HAS_KL:
+        lse_s = tl.load(stats_ptr + 4 * row + 1)
+        slot2 = tl.load(stats_ptr + 4 * row + 2)
+        kl = tl.load(stats_ptr + 4 * row + 3)
+        c = hrm * inv_t
+        if REST:   # outside the top-k: the implied teacher p~ = exp(a - L)
+            if UNIT_T:
+                a = z
+                q = sm
+            else:
+                a = z * inv_t
+                q = tl.exp(a - lse_s)
+            if REVERSE:
+                dz += c * tl.where(q > 0.0, q * ((slot2 - lse_s) - kl), 0.0)
+            else:
+                dz += c * (q - tl.where(a > float("-inf"), tl.exp(a - slot2), 0.0))
+        # This block's top-k entries, gathered before dz is stored over z (inplace_backward).
+        ks = tl.arange(0, BLOCK_K)
+        idx = tl.load(i_ptr + r_b * i_sb + r_s * i_ss + ks, mask=ks < K, other=-1).to(tl.int64)
+        mine = (ks < K) & (idx >= v0) & (idx < v0 + BLOCK_V) & (idx < V)
+        z_t = tl.load(z_row + idx, mask=mine, other=float("-inf")).to(tl.float32)
+        lt = tl.load(l_ptr + r_b * l_sb + r_s * l_ss + ks, mask=mine,
+                     other=float("-inf")).to(tl.float32)
+        if not REST:
+            lt = lt - slot2
+        ls = (z_t if UNIT_T else z_t * inv_t) - lse_s
+        q_t = tl.exp(ls)
+        if REVERSE:
+            top = tl.where(q_t > 0.0, q_t * (ls - lt - kl), 0.0)
+        else:
+            top = q_t - tl.exp(lt)
+        dz_t = tl.exp(z_t - lse_z) - eps / V - tl.where(idx == y, 1.0 - eps, 0.0) + c * top
+    tl.store(dz_row + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_KL:
+        tl.debug_barrier()   # every thread's dense store lands before the top-k overwrite
+        tl.store(dz_row + idx, (g * dz_t).to(dz_ptr.dtype.element_ty), mask=mine)
+
+
+# Custom ops, registered as in triton_kernels.py (triton_op on a GPU, an opaque custom_op under
+# TRITON_INTERPRET=1). The backward writes dz in place.
+
+def _fwd_fake(z, idx, lp, labels, *options):
+    n = labels.shape[0]
+    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(3)),
+            z.new_empty((n, 4), dtype=torch.float32))
+
+
+@custom_triton_op("hrmkernels::hrm_loss_topk_fwd_triton", (), _fwd_fake)
+def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hrm: float,
+                          temperature: float, label_smoothing: float, ignore_index: int,
+                          reverse: bool, renormalize: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
+    loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
+    if n:
+        # "rest" sorts the ids (N x k, small) so that each vocabulary block finds its members.
+        srt = idx if renormalize else idx.reshape(n, k).sort(-1).values
+        with _device_of(z):
+            wrap_triton(_hrm_loss_topk_fwd_kernel)[(n,)](
+                z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
+                lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, stats,
+                z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
+                REVERSE=reverse, REST=not renormalize, SMOOTH=label_smoothing > 0,
+                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v),
+                BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
+    return loss, ce, kl, stats
+
+
+@custom_triton_op("hrmkernels::hrm_loss_topk_bwd_triton", ("dz",), lambda *args: None)
+def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, stats: Tensor,
+                          grad: Tensor, hrm: float, temperature: float, label_smoothing: float,
+                          ignore_index: int, reverse: bool, renormalize: bool, dz: Tensor) -> None:
+    n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
+    if not n:
+        return
+    block = _block_v(v)
+    with _device_of(z):
+        wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
+            z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
+            lp, lp.stride(0), lp.stride(1), labels, stats, grad, grad.stride(0),
+            dz, dz.stride(0), dz.stride(1), z.shape[1], v, k, hrm, 1.0 / temperature,
+            label_smoothing, ignore_index, REVERSE=reverse, REST=not renormalize,
+            HAS_KL=hrm > 0, UNIT_T=temperature == 1.0, BLOCK_V=block,
+            BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
+
+
+def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
+                      reverse, renormalize):
+    """z: (B, S, V), idx, lp: (B, S, k) row views; labels: (N,).
+
+    Returns loss, ce, kl (N,) and stats (N, 4), fp32.
+    """
+    return torch.ops.hrmkernels.hrm_loss_topk_fwd_triton(
+        z, idx, lp, labels, float(hrm), float(temperature), float(label_smoothing),
+        int(ignore_index), bool(reverse), bool(renormalize))
+
+
+def hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing,
+                      ignore_index, reverse, renormalize, dz):
+    """Write d(sum_r grad_r * loss_r)/dz into dz, a (B, S, V) view (may be z itself)."""
+    torch.ops.hrmkernels.hrm_loss_topk_bwd_triton(
+        z, idx, lp, labels, stats, grad, float(hrm), float(temperature), float(label_smoothing),
+        int(ignore_index), bool(reverse), bool(renormalize), dz)
