@@ -78,7 +78,8 @@ def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse)
         zc, uc = z[bi, s0:s1].to(dtype), u[bi, s0:s1].to(dtype)
         a, b = zc / temperature, uc / temperature
         lse_z, ce_c = _ce(zc, y, v, eps)
-        lse_a, lse_b = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
+        lse_a = lse_z if temperature == 1 else torch.logsumexp(a, -1)
+        lse_b = torch.logsumexp(b, -1)
         # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see triton_kernels.py)
         w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if reverse else \
             ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
@@ -108,12 +109,12 @@ def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_in
             q, p = (a - lse_a).exp(), (b - lse_b).exp()
             if reverse:
                 d_z += c * torch.where(q > 0, q * ((a - b) - mu), 0.0)
-                d_u = c * (p - q)
+                if du is not None:
+                    du[bi, s0:s1] = c * (p - q) * g
             else:
                 d_z += c * (q - p)
-                d_u = c * torch.where(p > 0, p * ((b - a) - mu), 0.0)
-            if du is not None:
-                du[bi, s0:s1] = d_u * g
+                if du is not None:
+                    du[bi, s0:s1] = c * torch.where(p > 0, p * ((b - a) - mu), 0.0) * g
         elif du is not None:
             du[bi, s0:s1] = 0
         dz[bi, s0:s1] = d_z * g

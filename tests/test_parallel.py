@@ -76,11 +76,33 @@ def _worker(rank, world, port, backend):
                                 else torch.zeros_like(ul, dtype=torch.float64))]:
                 torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6,
                                            msg=lambda m: f"{backend} {name} {what}: {m}")
+        _check_dtensor(world, backend)
     except Exception:
         traceback.print_exc()
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _check_dtensor(world, backend):
+    """DTensor logits sharded on the vocabulary (torch.chunk sizes: uneven here) give the same."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hrmkernels import fused_hrm_loss
+    from hrmkernels.reference import hrm_loss_reference
+
+    z, u, y = _global_inputs(world, dict(uneven=True))
+    mesh = init_device_mesh("cpu", (world,))
+    zd = distribute_tensor(z, mesh, [Shard(2)]).requires_grad_()
+    ud = distribute_tensor(u, mesh, [Shard(2)])
+    loss = fused_hrm_loss(zd, ud, y, 0.5, temperature=2.0, backend=backend)
+    loss.backward()
+    zr = z.double().requires_grad_()
+    ref = hrm_loss_reference(zr, u.double(), y, 0.5, temperature=2.0)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(zd.grad.full_tensor().double(), zr.grad, rtol=2e-5, atol=2e-6)
 
 
 def _free_port():
