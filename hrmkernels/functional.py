@@ -16,6 +16,16 @@ class HRMLoss(NamedTuple):
     kl: torch.Tensor
 
 
+def mean_denominator(labels, ignore_index, num_items_in_batch):
+    """max(n, 1): n non-ignored tokens, or num_items_in_batch; a device tensor, never read on
+    the host."""
+    if num_items_in_batch is None:
+        return (labels != ignore_index).sum().clamp_min(1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.clamp_min(1)
+    return max(int(num_items_in_batch), 1)
+
+
 def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *,
                    teacher_topk=None, topk_mode="rest", temperature=1.0, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, kl_direction="forward",
@@ -105,12 +115,7 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
     else:
         out = [t.sum() for t in out]
         if reduction == "mean":
-            if num_items_in_batch is None:
-                denom = (labels != ignore_index).sum().clamp_min(1)
-            elif isinstance(num_items_in_batch, torch.Tensor):
-                denom = num_items_in_batch.clamp_min(1)
-            else:
-                denom = max(int(num_items_in_batch), 1)
+            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
             out = [t / denom for t in out]
     loss, ce, kl = out
     return HRMLoss(loss, ce.detach(), kl.detach()) if return_components else loss

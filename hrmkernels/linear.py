@@ -11,7 +11,7 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
                                 check_options)
-from hrmkernels.functional import HRMLoss
+from hrmkernels.functional import HRMLoss, mean_denominator
 from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
 
 IMPLS = ("chunked", "fused")
@@ -204,12 +204,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                kl_direction == "reverse", bool(return_components))
     denom = None
     if reduction == "mean":
-        if num_items_in_batch is None:
-            denom = (labels != ignore_index).sum().clamp_min(1)
-        elif isinstance(num_items_in_batch, torch.Tensor):
-            denom = num_items_in_batch.clamp_min(1)
-        else:
-            denom = max(int(num_items_in_batch), 1)
+        denom = mean_denominator(labels, ignore_index, num_items_in_batch)
     elif reduction == "sum":
         denom = 1
     grad_enabled = torch.is_grad_enabled()

@@ -61,6 +61,24 @@ def _online_lse(m, s, x):
 
 
 @triton.jit
+def _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr, ce_ptr, kl_ptr,
+                   SMOOTH: tl.constexpr):
+    """CE = lse_z - (1 - eps) z_y - eps * sum_z / V; store CE + hrm * KL, CE and KL of one row."""
+    # A label outside [0, V) is never dereferenced: its CE is NaN instead.
+    valid = (y >= 0) & (y < V)
+    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
+    ce = lse_z - z_y
+    if SMOOTH:
+        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
+    loss = ce
+    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
+        loss = ce + hrm * kl
+    tl.store(loss_ptr, loss)
+    tl.store(ce_ptr, ce)
+    tl.store(kl_ptr, kl)
+
+
+@triton.jit
 def _hrm_loss_fwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V), any float dtype
@@ -119,18 +137,8 @@ def _hrm_loss_fwd_kernel(
         kl = mu + lse_a - lse_b
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
 
-    # A label outside [0, V) is never dereferenced: its CE is NaN instead.
-    valid = (y >= 0) & (y < V)
-    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
-    ce = lse_z - z_y
-    if SMOOTH:
-        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
-    loss = ce
-    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
-        loss = ce + hrm * kl
-    tl.store(loss_ptr + row, loss)
-    tl.store(ce_ptr + row, ce)
-    tl.store(kl_ptr + row, kl)
+    _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
+                   kl_ptr + row, SMOOTH)
     tl.store(stats_ptr + 4 * row, lse_z)
     tl.store(stats_ptr + 4 * row + 1, lse_a)
     tl.store(stats_ptr + 4 * row + 2, lse_b)

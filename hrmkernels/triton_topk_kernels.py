@@ -49,7 +49,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hrmkernels.triton_kernels import _block_v, _device_of, _online_lse, custom_triton_op
+from hrmkernels.triton_kernels import (_block_v, _device_of, _online_lse, _store_ce_loss,
+                                       custom_triton_op)
 
 
 @triton.jit
@@ -184,17 +185,8 @@ def _hrm_loss_topk_fwd_kernel(
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
     kl = tl.where(all_ok, kl, float("nan"))
 
-    valid = (y >= 0) & (y < V)
-    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
-    ce = lse_z - z_y
-    if SMOOTH:
-        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
-    loss = ce
-    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
-        loss = ce + hrm * kl
-    tl.store(loss_ptr + row, loss)
-    tl.store(ce_ptr + row, ce)
-    tl.store(kl_ptr + row, kl)
+    _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
+                   kl_ptr + row, SMOOTH)
     tl.store(stats_ptr + 4 * row, lse_z)
     tl.store(stats_ptr + 4 * row + 1, lse_s)
     tl.store(stats_ptr + 4 * row + 2, slot2)
