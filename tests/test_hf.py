@@ -1,9 +1,12 @@
 """hrmkernels.integrations.hf with tiny, randomly initialised transformers models (nothing is
 downloaded): label shifting, a padded teacher vocabulary, top-k batches, and gradient
 accumulation through a real Trainer equal to one big batch."""
+import os
+
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # CI reaches package registries only, not the Hub
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")          # the Trainer needs it
 
