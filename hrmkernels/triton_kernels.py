@@ -61,6 +61,16 @@ def _online_lse(m, s, x):
 
 
 @triton.jit
+def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr):
+    """An ignored token: loss, CE, KL and the 4 saved statistics of its row are exact zeros."""
+    tl.store(loss_ptr + row, 0.0)
+    tl.store(ce_ptr + row, 0.0)
+    tl.store(kl_ptr + row, 0.0)
+    for i in tl.static_range(4):
+        tl.store(stats_ptr + 4 * row + i, 0.0)
+
+
+@triton.jit
 def _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr, ce_ptr, kl_ptr,
                    SMOOTH: tl.constexpr):
     """CE = lse_z - (1 - eps) z_y - eps * sum_z / V; store CE + hrm * KL, CE and KL of one row."""
@@ -94,11 +104,7 @@ def _hrm_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(ce_ptr + row, 0.0)
-        tl.store(kl_ptr + row, 0.0)
-        for i in tl.static_range(4):
-            tl.store(stats_ptr + 4 * row + i, 0.0)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss

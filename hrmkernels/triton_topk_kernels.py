@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from hrmkernels.triton_kernels import (_block_v, _device_of, _online_lse, _store_ce_loss,
-                                       custom_triton_op)
+                                       _store_ignored_row, custom_triton_op)
 
 
 @triton.jit
@@ -103,11 +103,7 @@ def _hrm_loss_topk_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)   # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(ce_ptr + row, 0.0)
-        tl.store(kl_ptr + row, 0.0)
-        for i in tl.static_range(4):
-            tl.store(stats_ptr + 4 * row + i, 0.0)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     cols = tl.arange(0, BLOCK_V)
