@@ -21,7 +21,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-SOURCES = ["csrc/hrm_loss.cpp", "csrc/hrm_loss_kernels.cu", "csrc/hrm_loss_cluster.cu"]
+SOURCES = ["csrc/hrm_loss.cpp", "csrc/cuda/hrm_loss_kernels.cu", "csrc/cuda/hrm_loss_cluster.cu"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
@@ -30,7 +30,7 @@ def _log(msg):
 
 
 def _arch_flags(archs):
-    """nvcc -gencode flags for "80+PTX;90a"-style lists (as hrmkernels.cuda_ops.arch_flags)."""
+    """nvcc -gencode flags for "80+PTX;90a"-style lists (as hrmkernels.kernels.native.arch_flags)."""
     flags = []
     for arch in archs.replace(",", ";").split(";"):
         arch = arch.strip().replace(".", "")
@@ -109,7 +109,7 @@ def _extension_args():
     ext = CUDAExtension(
         "hrmkernels._C",
         sources=SOURCES,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *_arch_flags(archs)]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtensionOrSkip}}

@@ -5,7 +5,7 @@
 //   hrm_loss_bwd      backward: writes dz (and du) from the stats and the rows' gradients
 //   hrm_loss_fwd_bwd  both at once for gradients known up front (one pass on Hopper)
 //
-// Python (hrmkernels/cuda_ops.py) registers the fake (meta) implementations, so the ops work
+// Python (hrmkernels/kernels/native.py) registers the fake (meta) implementations, so the ops work
 // under torch.compile and torch.export; the autograd formula lives in hrmkernels/autograd.py.
 #include <Python.h>
 
@@ -18,7 +18,7 @@
 #include <optional>
 #include <tuple>
 
-#include "hrm_loss_kernels.h"
+#include "cuda/hrm_loss_kernels.h"
 
 // `import hrmkernels._C` loads this library, whose static initialisers register the ops.
 extern "C" PyObject* PyInit__C(void) {
@@ -257,7 +257,7 @@ int64_t hrm_loss_fwd_bwd_cluster_size_cuda(const at::Tensor& z, const at::Tensor
 }  // namespace hrmkernels
 
 TORCH_LIBRARY(hrmkernels, m) {
-  m.set_python_module("hrmkernels.cuda_ops");   // where the fake (meta) implementations live
+  m.set_python_module("hrmkernels.kernels.native");   // where the fake (meta) implementations live
   m.def(
       "hrm_loss_fwd(Tensor z, Tensor u, Tensor labels, float hrm, float temperature, "
       "float label_smoothing, int ignore_index, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");

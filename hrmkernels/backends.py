@@ -1,28 +1,28 @@
 """The one place that chooses an implementation: backend name + device -> launcher module.
 
 Each backend module exposes the same two launchers, ``hrm_loss_fwd`` and ``hrm_loss_bwd``
-(see triton_kernels.py for their contract); for top-k teachers, ``hrm_loss_topk_fwd`` and
-``hrm_loss_topk_bwd`` (triton_topk_kernels.py), which the torch and Triton backends have.
+(see kernels/triton/hrm_loss.py for their contract); for top-k teachers, ``hrm_loss_topk_fwd``
+and ``hrm_loss_topk_bwd`` (kernels/triton/topk.py), which the torch and Triton backends have.
 """
 import torch
 
-from hrmkernels import torch_impl
+from hrmkernels.kernels import pytorch
 
 
 def _triton_module(topk=False):
     try:
-        from hrmkernels import triton_kernels, triton_topk_kernels
+        from hrmkernels.kernels.triton import hrm_loss, topk as topk_loss
     except ImportError as e:
         return None, f"triton cannot be imported ({e})"
-    return (triton_topk_kernels if topk else triton_kernels), None
+    return (topk_loss if topk else hrm_loss), None
 
 
 def _cuda_module():
     try:
-        from hrmkernels import cuda_ops
+        from hrmkernels.kernels import native
     except ImportError as e:
         return None, f"the CUDA extension of hrmkernels is not available ({e})"
-    return cuda_ops, cuda_ops.unavailable_reason()
+    return native, native.unavailable_reason()
 
 
 def _why_unavailable(name, device, topk=False):
@@ -75,5 +75,5 @@ def resolve(backend, device, topk=False):
         raise ValueError(f"backend={backend!r} is not available for {device} tensors"
                          f"{' with a top-k teacher' if topk else ''}: {why}")
     if backend == "torch":
-        return torch_impl
+        return pytorch
     return _triton_module(topk)[0] if backend == "triton" else _cuda_module()[0]

@@ -124,8 +124,8 @@ def _fused_kernels(device):
     why = backends._why_unavailable("triton", device)
     if why:
         raise ValueError(f"impl='fused' is not available for {device} tensors: {why}")
-    from hrmkernels import triton_linear_kernels
-    return triton_linear_kernels
+    from hrmkernels.kernels.triton import linear
+    return linear
 
 
 def _autocast(tensors):

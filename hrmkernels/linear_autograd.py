@@ -235,7 +235,7 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
 
 
 class FusedLinearHRMFunction(torch.autograd.Function):
-    """Stage 2: the Triton kernels of triton_linear_kernels (passed in as `kernels`, so that
+    """Stage 2: the Triton kernels of kernels/triton/linear.py (passed in as `kernels`, so that
     this module imports without Triton). Returns per-token (loss, ce, kl) (N,) fp32; the caller
     reduces, and the backward recomputes the logit tiles for any grad_output."""
 

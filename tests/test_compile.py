@@ -15,7 +15,8 @@ import torch
 from conftest import DEVICE, HAS_CUDA, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hrmkernels import FusedHRMLoss, available_backends, backends, fused_hrm_loss, torch_impl
+from hrmkernels import FusedHRMLoss, available_backends, backends, fused_hrm_loss
+from hrmkernels.kernels import pytorch as torch_impl
 
 BACKENDS = available_backends(DEVICE)
 TOPK_BACKENDS = [b for b in BACKENDS if b != "cuda"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CU_FILES = sorted(CSRC.glob("*.cu"))
+CU_FILES = sorted(CSRC.rglob("*.cu"))
 ARCHS = {"sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
          "sm_80": "-gencode=arch=compute_80,code=sm_80"}
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import torch
 
 from hrmkernels import available_backends, fused_hrm_loss
-from hrmkernels import torch_impl, triton_kernels
+from hrmkernels.kernels import pytorch as torch_impl
+from hrmkernels.kernels.triton import hrm_loss as triton_kernels
 from hrmkernels.reference import hrm_loss_reference
 
 from conftest import DEVICE

@@ -182,7 +182,7 @@ def test_linear_hrm_loss_fused(case):
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_linear_hrm_loss_fused_vocab_split(split):
     """Partial statistics over vocabulary ranges merge exactly (forward only; the merge)."""
-    from hrmkernels import triton_linear_kernels as k
+    from hrmkernels.kernels.triton import linear as k
     xs, ws, xt, wt = (torch.randn(s, device=DEVICE) for s in ((7, 16), (197, 16), (7, 8), (197, 8)))
     y = torch.randint(0, 197, (7,), device=DEVICE)
     y[2] = -100

@@ -12,7 +12,9 @@ from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hrmkernels import FusedHRMLoss, available_backends, fused_hrm_loss, torch_impl, triton_kernels
+from hrmkernels import FusedHRMLoss, available_backends, fused_hrm_loss
+from hrmkernels.kernels import pytorch as torch_impl
+from hrmkernels.kernels.triton import hrm_loss as triton_kernels
 from hrmkernels.reference import hrm_loss_reference, hrm_loss_topk_reference
 
 BACKENDS = [b for b in ("torch", "triton") if b in available_backends(DEVICE)]

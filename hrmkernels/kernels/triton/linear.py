@@ -1,6 +1,6 @@
 """Stage 2 of the fused linear HRM loss: Triton kernels that never write N x V logits.
 
-Notation as in triton_kernels.py, with the logits formed on chip from the heads:
+Notation as in hrm_loss.py, with the logits formed on chip from the heads:
 
     z = x_s W_s^T + b_s        student logits, x_s (N, Hs), W_s (V, Hs), b_s (V,)
     u = x_t W_t^T + b_t        teacher logits, x_t (N, Ht), W_t (V, Ht)  (or read from memory)
@@ -10,7 +10,7 @@ size with an fp32 accumulator, so no logit is ever rounded to the input dtype (t
 error) and none reaches global memory. The per-row statistics are those of the logits kernels,
 carried across vocabulary tiles by the online log-sum-exp.
 
-Gradients, with dz and du the per-element logit gradients of triton_kernels.py (times the row's
+Gradients, with dz and du the per-element logit gradients of hrm_loss.py (times the row's
 incoming gradient g; 0 on ignored rows):
 
     d x_s = dz W_s      d W_s = dz^T x_s      d b_s = sum_rows dz      (teacher: du, x_t, W_t)
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrmkernels.triton_kernels import INTERPRETED, _device_of
+from hrmkernels.kernels.triton.hrm_loss import INTERPRETED, _device_of
 
 # Tiles. The interpreter pays per operation, so it gets the smallest legal dot tiles (tests
 # use N <= 16, H <= 32); the GPU values are a first guess that needs tuning on a GPU.
@@ -64,7 +64,7 @@ def _logits_tile(x_ptr, x_stride, w_ptr, w_stride, b_ptr, rows, cols, row_mask, 
 
 @triton.jit
 def _online_lse_rows(m, s, x):
-    """_online_lse of triton_kernels.py for a (rows, cols) tile: fold x into per-row (m, s)."""
+    """_online_lse of hrm_loss.py for a (rows, cols) tile: fold x into per-row (m, s)."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)

@@ -7,13 +7,13 @@ The ops live in a compiled extension, found in this order:
 2. otherwise a just-in-time build of csrc/ (``torch.utils.cpp_extension.load`` with ninja),
    cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``): the first
    call takes a minute or two, later processes reuse the cached library. It needs a source
-   checkout (csrc/ next to this package), ninja, and nvcc (``CUDA_HOME`` or on ``PATH``).
+   checkout (csrc/ next to the package), ninja, and nvcc (``CUDA_HOME`` or on ``PATH``).
 
 Environment: ``HRMKERNELS_JIT=0`` forbids the just-in-time build; ``HRMKERNELS_CUDA_ARCHS``
 ("90a", "80;90a", ...) sets its GPU architectures (default: the current GPU's, sm_90a on
 Hopper); ``HRMKERNELS_VERBOSE=1`` shows the compiler's output.
 
-The launchers ``hrm_loss_fwd`` / ``hrm_loss_bwd`` keep the contract of triton_kernels.py.
+The launchers ``hrm_loss_fwd`` / ``hrm_loss_bwd`` keep the contract of hrm_loss.py.
 This module registers the fake (meta) implementations that torch.compile and torch.export use.
 """
 import os
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("hrm_loss.cpp", "hrm_loss_kernels.cu", "hrm_loss_cluster.cu")
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("hrm_loss.cpp", "cuda/hrm_loss_kernels.cu", "cuda/hrm_loss_cluster.cu")
 JIT_NAME = "hrmkernels_C"
 
 _lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""backend="cuda" (csrc/ via torch.ops.hrmkernels) against the float64 reference, and the ops'
+"""backend="cuda" (csrc/ through hrmkernels.kernels.native and torch.ops.hrmkernels) against the float64 reference, and the ops'
 registration (opcheck, torch.compile).
 
 test_hrm_loss.py sweeps the options (directions, temperatures, smoothing, masks, reductions)
@@ -17,10 +17,12 @@ import pytest
 import torch
 
 import hrmkernels
-from hrmkernels import available_backends, cuda_ops, fused_hrm_loss, torch_impl
+from hrmkernels import available_backends, fused_hrm_loss
+from hrmkernels.kernels import native
+from hrmkernels.kernels import pytorch as torch_impl
 from hrmkernels.reference import hrm_loss_reference
 
-WHY = cuda_ops.unavailable_reason()
+WHY = native.unavailable_reason()
 needs_cuda_backend = pytest.mark.skipif(WHY is not None, reason=f"backend='cuda' unavailable: {WHY}")
 HALF = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,35 +43,35 @@ def test_cuda_backend_listed_only_when_it_can_run():
                            backend="cuda")
 
 
-def test_cuda_ops_reason_when_jit_is_disabled(monkeypatch):
+def test_native_reason_when_jit_is_disabled(monkeypatch):
     # Pretend a CUDA machine without the prebuilt extension and with HRMKERNELS_JIT=0.
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(cuda_ops, "_loaded", False)
-    monkeypatch.setattr(cuda_ops, "_load_error", None)
-    monkeypatch.setattr(cuda_ops, "_ops_registered", lambda: False)
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(native, "_ops_registered", lambda: False)
     monkeypatch.setitem(sys.modules, "hrmkernels._C", None)    # `from hrmkernels import _C` fails
     monkeypatch.delattr(hrmkernels, "_C", raising=False)       # even after an earlier import
     monkeypatch.setenv("HRMKERNELS_JIT", "0")
-    why = cuda_ops.unavailable_reason()
+    why = native.unavailable_reason()
     assert "hrmkernels._C" in why and "HRMKERNELS_JIT=0" in why
     with pytest.raises(RuntimeError, match="HRMKERNELS_JIT=0"):
-        cuda_ops.hrm_loss_fwd(None, None, None, 0.5, 1.0, 0.0, -100, False)
+        native.hrm_loss_fwd(None, None, None, 0.5, 1.0, 0.0, -100, False)
 
 
-def test_cuda_ops_old_gpu_is_refused(monkeypatch):
+def test_native_old_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
-    assert "compute capability 8.0" in cuda_ops.unavailable_reason()
+    assert "compute capability 8.0" in native.unavailable_reason()
 
 
-def test_cuda_ops_arch_flags():
-    assert cuda_ops.arch_flags("80+PTX;90a") == [
+def test_native_arch_flags():
+    assert native.arch_flags("80+PTX;90a") == [
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",
         "-gencode=arch=compute_90a,code=sm_90a"]
-    assert cuda_ops.arch_flags("9.0a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert native.arch_flags("9.0a") == ["-gencode=arch=compute_90a,code=sm_90a"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_cuda_launchers_match_torch_impl(reverse):
     y = torch.randint(0, 777, (15,), device="cuda")
     y[4] = -100
     args = (0.5, 2.0, 0.1, -100, reverse)
-    got = cuda_ops.hrm_loss_fwd(z, u, y, *args)
+    got = native.hrm_loss_fwd(z, u, y, *args)
     ref = torch_impl.hrm_loss_fwd(z.double(), u.double(), y, *args)
     keep = y != -100
     for a, b in zip(got, ref):
@@ -207,7 +209,7 @@ def test_cuda_launchers_match_torch_impl(reverse):
     assert (got[3][4] == 0).all()     # ignored row: the stats are 0 too
     grad = torch.full((), 0.7, device="cuda").expand(15)
     dz, du = torch.empty_like(z), torch.empty_like(u)
-    cuda_ops.hrm_loss_bwd(z, u, y, got[3], grad, *args, dz, du)
+    native.hrm_loss_bwd(z, u, y, got[3], grad, *args, dz, du)
     dz_ref, du_ref = torch.empty_like(z, dtype=torch.float64), torch.empty_like(u, dtype=torch.float64)
     torch_impl.hrm_loss_bwd(z.double(), u.double(), y, ref[3], grad.double(), *args, dz_ref, du_ref)
     torch.testing.assert_close(dz.double(), dz_ref, rtol=1e-5, atol=1e-6)
@@ -288,11 +290,11 @@ def test_cuda_fwd_bwd_matches_two_kernels(v, dtype, tdtype, reverse, t, eps, tea
     args = (0.5, t, eps, -100, reverse)
     dz, du = torch.empty_like(z), torch.empty_like(u) if teacher else None
     if torch.cuda.get_device_capability()[0] >= 9 and v % 8 == 0:
-        assert cuda_ops.fwd_bwd_cluster_size(z, u, dz, du) > 0   # the cluster path runs
-    got = cuda_ops.hrm_loss_fwd_bwd(z, u, y, grad, *args, dz, du)
-    ref = cuda_ops.hrm_loss_fwd(z, u, y, *args)
+        assert native.fwd_bwd_cluster_size(z, u, dz, du) > 0   # the cluster path runs
+    got = native.hrm_loss_fwd_bwd(z, u, y, grad, *args, dz, du)
+    ref = native.hrm_loss_fwd(z, u, y, *args)
     dz_ref, du_ref = torch.empty_like(z), torch.empty_like(u) if teacher else None
-    cuda_ops.hrm_loss_bwd(z, u, y, ref[3], grad, *args, dz_ref, du_ref)
+    native.hrm_loss_bwd(z, u, y, ref[3], grad, *args, dz_ref, du_ref)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
     for d, d_ref in ((dz, dz_ref), (du, du_ref)) if teacher else ((dz, dz_ref),):
@@ -308,11 +310,11 @@ def test_cuda_fwd_bwd_in_place_and_strided_grad():
     y = torch.randint(0, 128256, (8,), device="cuda")
     grad = torch.full((), 0.125, device="cuda").expand(8)       # "mean" over 8 rows
     args = (0.5, 2.0, 0.0, -100, False)
-    ref = cuda_ops.hrm_loss_fwd(z, u, y, *args)
+    ref = native.hrm_loss_fwd(z, u, y, *args)
     dz_ref = torch.empty_like(z)
-    cuda_ops.hrm_loss_bwd(z, u, y, ref[3], grad, *args, dz_ref, None)
+    native.hrm_loss_bwd(z, u, y, ref[3], grad, *args, dz_ref, None)
     buf = z.clone()
-    got = cuda_ops.hrm_loss_fwd_bwd(buf, u, y, grad, *args, buf, None)   # dz overwrites z
+    got = native.hrm_loss_fwd_bwd(buf, u, y, grad, *args, buf, None)   # dz overwrites z
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     err = (buf.double() - dz_ref.double()).norm() / dz_ref.double().norm()
     assert err < 1e-2
@@ -346,12 +348,12 @@ def test_cuda_opcheck(reverse, teacher):
 
 
 @needs_cuda_backend
-def test_cuda_ops_compile_fullgraph():
+def test_native_compile_fullgraph():
     _, bwd_args = _op_args()
 
     def step(z, u, y, stats, grad, dz, du):
-        out = cuda_ops.hrm_loss_fwd(z, u, y, 0.5, 2.0, 0.1, -100, False)
-        cuda_ops.hrm_loss_bwd(z, u, y, out[3], grad, 0.5, 2.0, 0.1, -100, False, dz, du)
+        out = native.hrm_loss_fwd(z, u, y, 0.5, 2.0, 0.1, -100, False)
+        native.hrm_loss_bwd(z, u, y, out[3], grad, 0.5, 2.0, 0.1, -100, False, dz, du)
         return out[0], dz, du
 
     z, u, y, stats, grad, _, _, _, _, _, dz, du = bwd_args
@@ -377,11 +379,11 @@ def test_cuda_binding_errors_name_the_problem():
     z = torch.randn(1, 4, 10, device="cuda")
     y = torch.zeros(4, dtype=torch.long, device="cuda")
     with pytest.raises(RuntimeError, match="float64"):
-        cuda_ops.hrm_loss_fwd(z.double(), z, y, 0.5, 1.0, 0.0, -100, False)
+        native.hrm_loss_fwd(z.double(), z, y, 0.5, 1.0, 0.0, -100, False)
     with pytest.raises(RuntimeError, match="unit last stride"):
         u = torch.randn(1, 10, 4, device="cuda").transpose(1, 2)    # (1, 4, 10), strides (40, 1, 4)
-        cuda_ops.hrm_loss_fwd(z, u, y, 0.5, 1.0, 0.0, -100, False)
+        native.hrm_loss_fwd(z, u, y, 0.5, 1.0, 0.0, -100, False)
     with pytest.raises(RuntimeError, match="labels must have shape"):
-        cuda_ops.hrm_loss_fwd(z, z, y[:3], 0.5, 1.0, 0.0, -100, False)
+        native.hrm_loss_fwd(z, z, y[:3], 0.5, 1.0, 0.0, -100, False)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
-        cuda_ops.hrm_loss_fwd(z, z.cpu(), y, 0.5, 1.0, 0.0, -100, False)
+        native.hrm_loss_fwd(z, z.cpu(), y, 0.5, 1.0, 0.0, -100, False)

@@ -11,7 +11,7 @@ plus k gathers. Two choices for the teacher's mass outside the top-k (reference.
     forward KL = sum_i p_i (l_i - ls_i) + P (log P - log Q)
     reverse KL = sum_i q_i (ls_i - l_i) + Q (log Q - log P)
 
-  Differentiating through Q, the gradient is the full-vocabulary one (triton_kernels.py) against
+  Differentiating through Q, the gradient is the full-vocabulary one (hrm_loss.py) against
   an implied teacher that spreads P over the rest like the student does: p~_v = P q_v / Q =
   exp(a_v - L) outside the top-k, with L = lse_rest(a) - log P, and p~ = p on the top-k:
 
@@ -49,7 +49,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hrmkernels.triton_kernels import (_block_v, _device_of, _online_lse, _store_ce_loss,
+from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _online_lse, _store_ce_loss,
                                        _store_ignored_row, custom_triton_op)
 
 
@@ -257,7 +257,7 @@ def _hrm_loss_topk_bwd_kernel(
         tl.store(dz_row + idx, (g * dz_t).to(dz_ptr.dtype.element_ty), mask=mine)
 
 
-# Custom ops, registered as in triton_kernels.py (triton_op on a GPU, an opaque custom_op under
+# Custom ops, registered as in hrm_loss.py (triton_op on a GPU, an opaque custom_op under
 # TRITON_INTERPRET=1). The backward writes dz in place.
 
 def _fwd_fake(z, idx, lp, labels, *options):

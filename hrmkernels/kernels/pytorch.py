@@ -4,7 +4,7 @@ Same contract as the Triton launchers (hrm_loss_fwd / hrm_loss_bwd, and hrm_loss
 hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
 logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is; the
 forward saves per-row log-sum-exps and the backward is written by hand from DESIGN.md section 1
-(top-k: triton_topk_kernels.py) instead of keeping an autograd graph over N x V tensors.
+(top-k: topk.py) instead of keeping an autograd graph over N x V tensors.
 Math runs in float32, or float64 when an input is float64.
 
 The launchers call custom ops (torch.ops.hrmkernels.*_torch), which torch.compile treats as
@@ -80,7 +80,7 @@ def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse)
         lse_z, ce_c = _ce(zc, y, v, eps)
         lse_a = lse_z if temperature == 1 else torch.logsumexp(a, -1)
         lse_b = torch.logsumexp(b, -1)
-        # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see triton_kernels.py)
+        # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see hrm_loss.py)
         w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if reverse else \
             ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
         # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
@@ -120,7 +120,7 @@ def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_in
         dz[bi, s0:s1] = d_z * g
 
 
-# Top-k teachers: the math, the stats and the gradient are derived in triton_topk_kernels.py.
+# Top-k teachers: the math, the stats and the gradient are derived in topk.py.
 
 def _check_topk_indices(idx, v):
     if not _checking(idx):
@@ -285,7 +285,7 @@ _hrm_loss_topk_bwd_op.register_fake(lambda *args: None)
 
 
 def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """As triton_kernels.hrm_loss_fwd; outputs are float64 when an input is float64."""
+    """As kernels.triton.hrm_loss.hrm_loss_fwd; outputs are float64 when an input is float64."""
     return torch.ops.hrmkernels.hrm_loss_fwd_torch(z, u, labels, float(hrm), float(temperature),
                                                    float(label_smoothing), int(ignore_index),
                                                    bool(reverse))
@@ -301,7 +301,7 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
 
 def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
                       reverse, renormalize):
-    """As triton_topk_kernels.hrm_loss_topk_fwd; float64 outputs when an input is float64."""
+    """As kernels.triton.topk.hrm_loss_topk_fwd; float64 outputs when an input is float64."""
     return torch.ops.hrmkernels.hrm_loss_topk_fwd_torch(
         z, idx, lp, labels, float(hrm), float(temperature), float(label_smoothing),
         int(ignore_index), bool(reverse), bool(renormalize))

@@ -1,0 +1,1 @@
+"""backend="triton". Importing this package does not import Triton; its modules do."""
