@@ -30,7 +30,8 @@ def _real(name, value):
     return value
 
 
-def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend):
+def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+                  jsd_beta=None):
     """Validate the scalar options shared by fused_hrm_loss and FusedHRMLoss."""
     if _real("hrm", hrm) < 0 or math.isinf(hrm):
         raise ValueError(f"hrm must be a finite float >= 0 (the weight of the KL term), got {hrm}")
@@ -44,6 +45,20 @@ def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl
     _choice("reduction", reduction, REDUCTIONS)
     _choice("kl_direction", kl_direction, KL_DIRECTIONS)
     _choice("backend", backend, BACKENDS)
+    if jsd_beta is not None:
+        if not 0.0 <= _real("jsd_beta", jsd_beta) <= 1.0:
+            raise ValueError(f"jsd_beta must lie in [0, 1] (TRL's beta: 0 is KL(teacher || student), "
+                             f"1 is KL(student || teacher)), got {jsd_beta}")
+        if kl_direction != "forward":
+            raise ValueError("pass jsd_beta or kl_direction, not both: jsd_beta=1.0 is "
+                             "kl_direction='reverse', jsd_beta=0.0 is 'forward'")
+
+
+def divergence_beta(kl_direction, jsd_beta):
+    """The divergence as the kernels take it: beta = 0 forward KL, 1 reverse KL, else JSD_beta."""
+    if jsd_beta is not None:
+        return float(jsd_beta)
+    return 1.0 if kl_direction == "reverse" else 0.0
 
 
 def check_tensors(student_logits, teacher_logits, labels):

@@ -11,7 +11,8 @@ from hrmkernels._checks import rows_view
 
 
 class HRMLossFunction(torch.autograd.Function):
-    """Per-token loss (N,) = CE + hrm * KL, with CE and KL (N,) as non-differentiable outputs.
+    """Per-token loss (N,) = CE + hrm * D, with CE, D and the student's entropy (N,) as
+    non-differentiable outputs (D: the KL or JSD that `beta` chooses, kernels/__init__.py).
 
     Reduction happens outside, in plain torch ops, so the backward receives the gradient of each
     token's loss as an (N,) tensor (a stride-0 expansion for "mean"/"sum"): the kernels read
@@ -20,19 +21,19 @@ class HRMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, hrm, temperature, label_smoothing,
-                ignore_index, reverse, impl, inplace_backward):
+                ignore_index, beta, impl, inplace_backward):
         labels = labels.reshape(-1).contiguous()   # kernels read labels densely: (N,), stride 1
-        loss, ce, kl, stats = impl.hrm_loss_fwd(rows_view(student_logits), rows_view(teacher_logits),
-                                              labels, hrm, temperature, label_smoothing,
-                                              ignore_index, reverse)
+        loss, ce, div, entropy, stats = impl.hrm_loss_fwd(
+            rows_view(student_logits), rows_view(teacher_logits), labels, hrm, temperature,
+            label_smoothing, ignore_index, beta)
         ctx.save_for_backward(student_logits, teacher_logits, labels, stats)
-        ctx.options = (hrm, temperature, label_smoothing, ignore_index, reverse)
+        ctx.options = (hrm, temperature, label_smoothing, ignore_index, beta)
         ctx.impl, ctx.inplace_backward = impl, inplace_backward
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.mark_non_differentiable(ce, div, entropy)
+        return loss, ce, div, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_div, _grad_entropy):
         student_logits, teacher_logits, labels, stats = ctx.saved_tensors
         z, u = rows_view(student_logits), rows_view(teacher_logits)
         # inplace_backward: the gradient overwrites the logits it is computed from, element by
@@ -52,20 +53,20 @@ class HRMTopKLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, indices, logprobs, labels, hrm, temperature, label_smoothing,
-                ignore_index, reverse, renormalize, impl, inplace_backward):
+                ignore_index, beta, renormalize, impl, inplace_backward):
         labels = labels.reshape(-1).contiguous()
         idx, lp = rows_view(indices), rows_view(logprobs)
-        loss, ce, kl, stats = impl.hrm_loss_topk_fwd(rows_view(student_logits), idx, lp, labels,
-                                                     hrm, temperature, label_smoothing,
-                                                     ignore_index, reverse, renormalize)
+        loss, ce, div, entropy, stats = impl.hrm_loss_topk_fwd(
+            rows_view(student_logits), idx, lp, labels, hrm, temperature, label_smoothing,
+            ignore_index, beta, renormalize)
         ctx.save_for_backward(student_logits, idx, lp, labels, stats)
-        ctx.options = (hrm, temperature, label_smoothing, ignore_index, reverse, renormalize)
+        ctx.options = (hrm, temperature, label_smoothing, ignore_index, beta, renormalize)
         ctx.impl, ctx.inplace_backward = impl, inplace_backward
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.mark_non_differentiable(ce, div, entropy)
+        return loss, ce, div, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_div, _grad_entropy):
         student_logits, idx, lp, labels, stats = ctx.saved_tensors
         z = rows_view(student_logits)
         dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)

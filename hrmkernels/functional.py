@@ -1,19 +1,12 @@
 """fused_hrm_loss: validation, backend choice, reduction."""
-from typing import NamedTuple
-
 import torch
 
 from hrmkernels import backends
-from hrmkernels._checks import check_num_items, check_options, check_teacher_topk, check_tensors
+from hrmkernels._checks import (check_num_items, check_options, check_teacher_topk, check_tensors,
+                                divergence_beta)
 from hrmkernels.autograd import HRMLossFunction, HRMTopKLossFunction
 from hrmkernels.parallel import VocabParallelHRMLossFunction, shard_layout
-
-
-class HRMLoss(NamedTuple):
-    """What ``return_components=True`` returns: the loss and its detached CE and KL parts."""
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor
+from hrmkernels.reference import HRMLoss
 
 
 def mean_denominator(labels, ignore_index, num_items_in_batch):
@@ -29,13 +22,14 @@ def mean_denominator(labels, ignore_index, num_items_in_batch):
 def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *,
                    teacher_topk=None, topk_mode="rest", temperature=1.0, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, kl_direction="forward",
-                   num_items_in_batch=None, backend="auto", return_components=False,
+                   jsd_beta=None, num_items_in_batch=None, backend="auto", return_components=False,
                    inplace_backward=False, process_group=None, vocab_start_index=None):
-    """Causal-LM cross-entropy plus hrm times the KL divergence to a teacher, in one fused pass.
+    """Causal-LM cross-entropy plus hrm times a divergence to a teacher, in one fused pass.
 
     Per token: ``CE(z, y) + hrm * KL(softmax(u / T) || softmax(z / T))`` (``kl_direction=
-    "reverse"`` swaps the two distributions); CE sees the raw logits z, as F.cross_entropy with
-    ``label_smoothing``. No ``T**2`` factor: pass ``hrm * T**2`` for Hinton's convention.
+    "reverse"`` swaps the two distributions; ``jsd_beta`` takes the generalised JSD instead);
+    CE sees the raw logits z, as F.cross_entropy with ``label_smoothing``. No ``T**2`` factor,
+    as in TRL, Liger-Kernel and torchtune: pass ``hrm * T**2`` for Hinton's convention.
 
     Args:
         student_logits: (..., V) float32/bfloat16/float16, any strides with a unit last stride.
@@ -60,11 +54,18 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             "renormalize", for reverse KL.
             "renormalize": both distributions renormalised over the top-k; the student's logits
             outside the top-k then get no KL gradient (only the CE's).
+        jsd_beta: None (the KL of ``kl_direction``), or beta in [0, 1] for TRL's generalised
+            Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
+            ``m = beta p + (1 - beta) q``, p the teacher's and q the student's distribution.
+            As in TRL and Liger, beta = 0 is exactly KL(p || q) and beta = 1 exactly KL(q || p)
+            (the formula itself tends to 0 at both ends). Costs one more read of both logits in
+            the forward. Dense teachers only (no ``teacher_topk``, no ``process_group``).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
         backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
             Top-k teachers run on "triton" and "torch".
-        return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction.
+        return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction;
+            its attribute ``entropy`` is the student's entropy H(softmax(z / T)), reduced alike.
         inplace_backward: write the student gradient into student_logits' storage (saves one
             N x V buffer; the logits are garbage after backward).
         process_group: vocabulary parallelism. Student and teacher logits are this rank's slice
@@ -87,9 +88,13 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
     if (teacher_logits is None) == (teacher_topk is None):
         raise TypeError("fused_hrm_loss() needs exactly one teacher: teacher_logits or "
                         "teacher_topk")
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend)
-    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index),
-               kl_direction == "reverse")
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+                  jsd_beta)
+    beta = divergence_beta(kl_direction, jsd_beta)
+    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta)
+    if 0 < beta < 1 and (teacher_topk is not None or process_group is not None):
+        raise ValueError("jsd_beta strictly between 0 and 1 needs dense teacher_logits on one "
+                         "device (no teacher_topk, no process_group); 0 and 1 are the KLs")
     sharded = process_group is not None or hasattr(student_logits, "to_local")   # or a DTensor
     if teacher_topk is None:
         if sharded:
@@ -117,5 +122,5 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         if reduction == "mean":
             denom = mean_denominator(labels, ignore_index, num_items_in_batch)
             out = [t / denom for t in out]
-    loss, ce, kl = out
-    return HRMLoss(loss, ce.detach(), kl.detach()) if return_components else loss
+    loss, ce, kl, entropy = out
+    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach()) if return_components else loss

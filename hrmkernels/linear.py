@@ -10,7 +10,7 @@ import torch
 
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
-                                check_options)
+                                check_options, divergence_beta)
 from hrmkernels.functional import HRMLoss, mean_denominator
 from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
 
@@ -151,7 +151,8 @@ def _rows(t, size):
 def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, kl_direction="forward", num_items_in_batch=None,
+                          label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
+                          num_items_in_batch=None,
                           backend="auto", return_components=False, inplace_backward=False,
                           impl="chunked", chunk_budget_bytes=None):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
@@ -166,8 +167,9 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             view ``teacher_weight[:V]``); teacher_bias: (V,). Pass both as None and
             ``teacher_logits=`` (..., V) to use precomputed teacher logits instead.
         labels: (...) int64/int32, the leading shape of student_hidden.
-        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-            num_items_in_batch, return_components: as in fused_hrm_loss.
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
+            num_items_in_batch, return_components: as in fused_hrm_loss (impl="fused" takes the
+            KL only: jsd_beta 0 or 1).
         backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
             "cuda", "torch"); impl="fused" takes only "auto" or "triton".
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
@@ -188,8 +190,13 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                                 teacher_weight, teacher_bias])
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend)
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+                  jsd_beta)
     check_linear_options(impl, chunk_budget_bytes, backend)
+    beta = divergence_beta(kl_direction, jsd_beta)
+    if impl == "fused" and 0 < beta < 1:
+        raise ValueError("impl='fused' computes the KL only (jsd_beta 0 or 1); "
+                         "impl='chunked' computes the JSD")
     device = student_hidden.device
     check_num_items(num_items_in_batch, device)
     v = student_weight.shape[0]
@@ -200,8 +207,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     else:
         heads += [None, None, None, _rows(teacher_logits, v)]
     y = labels.reshape(-1).contiguous()   # the kernels read labels densely
-    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index),
-               kl_direction == "reverse", bool(return_components))
+    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta,
+               bool(return_components))
     denom = None
     if reduction == "mean":
         denom = mean_denominator(labels, ignore_index, num_items_in_batch)
@@ -221,10 +228,13 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         out = FusedLinearHRMFunction.apply(*heads, y, options, kernels)
         if denom is not None:
             out = [t.sum() / denom for t in out]
+        out = [*out, None]   # the fused kernels do not compute the entropy yet
     if reduction == "none":
-        out = [t.view(labels.shape) for t in out]
-    loss, ce, kl = out
-    return HRMLoss(loss, ce.detach(), kl.detach()) if return_components else loss
+        out = [t.view(labels.shape) if t is not None else None for t in out]
+    loss, ce, kl, entropy = out
+    if not return_components:
+        return loss
+    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach() if entropy is not None else None)
 
 
 class FusedLinearHRMLoss(torch.nn.Module):
@@ -238,15 +248,15 @@ class FusedLinearHRMLoss(torch.nn.Module):
     """
 
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, kl_direction="forward", backend="auto",
+                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None, backend="auto",
                  return_components=False, impl="chunked", chunk_budget_bytes=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-                      backend)
+                      backend, jsd_beta)
         check_linear_options(impl, chunk_budget_bytes, backend)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
-                            kl_direction=kl_direction, backend=backend,
+                            kl_direction=kl_direction, jsd_beta=jsd_beta, backend=backend,
                             return_components=return_components, impl=impl,
                             chunk_budget_bytes=chunk_budget_bytes)
         self.hrm = hrm

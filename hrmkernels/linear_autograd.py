@@ -3,8 +3,9 @@
 Both take the heads as 2-D tensors: student hidden xs (N, Hs), weight ws (V, Hs), bias bs (V,)
 or None; teacher xt (N, Ht), wt (V, Ht), bt (V,) or None, or instead precomputed teacher
 logits u (N, V) (then xt = wt = bt = None); labels (N,). `options` is the tuple
-(hrm, temperature, label_smoothing, ignore_index, reverse, with_kl): with_kl asks for the KL
-component even at hrm == 0, where the teacher is otherwise never computed.
+(hrm, temperature, label_smoothing, ignore_index, beta, with_kl): beta chooses the divergence
+(kernels/__init__.py); with_kl asks for it even at hrm == 0, where the teacher is otherwise
+never computed.
 
 Stage 1 (ChunkedLinearHRMFunction). Token chunks of `rows` rows: logits = x @ W^T (+ b) with
 torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the head gradients
@@ -114,14 +115,14 @@ def _head_grads(d, x, w, gx, gw, gb):
 def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(False,) * 7):
     """One pass over the token chunks.
 
-    stats None: run the forward launcher; returns per-row loss, ce, kl and the launcher's
+    stats None: run the forward launcher; returns per-row loss, ce, kl, entropy and the launcher's
     per-row statistics for its backward (opaque here). Else stats holds those, from the
     forward. grad (N,) not None: also run the backward launcher with the per-row
     gradient grad and return the wanted gradients (d xs, d ws, d bs, d xt, d wt, d bt, d u):
     d hidden in its dtype, weight and bias gradients as fp32 (acc dtype) accumulators.
     """
     xs, ws, bs, xt, wt, bt = heads
-    hrm, temperature, eps, ignore_index, reverse, with_kl = options
+    hrm, temperature, eps, ignore_index, beta, with_kl = options
     n = labels.numel()
     like = (xs, ws, bs, xt, wt, bt, u)
     grads = [None] * 7
@@ -145,10 +146,9 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
         else:
             uc = _logits(xt[r0:r1], wt, bt)
         if stats is None:
-            out = impl.hrm_loss_fwd(z[None], uc[None], y, hrm, temperature, eps, ignore_index,
-                                    reverse)
+            out = impl.hrm_loss_fwd(z[None], uc[None], y, hrm, temperature, eps, ignore_index, beta)
             outs.append(out)
-            st = out[3]
+            st = out[4]
         else:
             st = stats[r0:r1]
         if grad is None:
@@ -158,7 +158,7 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
             du = grads[6][r0:r1] if u is not None else torch.empty_like(uc)
         # dz overwrites z in place (the launchers' contract allows it): no second chunk buffer.
         impl.hrm_loss_bwd(z[None], uc[None], y, st, grad[r0:r1], hrm, temperature, eps,
-                          ignore_index, reverse, z[None], du[None] if du is not None else None)
+                          ignore_index, beta, z[None], du[None] if du is not None else None)
         _head_grads(z, xs[r0:r1], ws, grads[0] if grads[0] is None else grads[0][r0:r1],
                     grads[1], grads[2])
         if du is not None and u is None:
@@ -170,9 +170,9 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
         return grads
     if not outs:   # no tokens: the launchers' outputs for an empty chunk
         outs = [impl.hrm_loss_fwd(xs.new_zeros(1, 0, 1), xs.new_zeros(1, 0, 1), labels, hrm,
-                                  temperature, eps, ignore_index, reverse)]
-    loss, ce, kl, st = (torch.cat(t) for t in zip(*outs))
-    return loss, ce, kl, st, grads
+                                  temperature, eps, ignore_index, beta)]
+    loss, ce, kl, ent, st = (torch.cat(t) for t in zip(*outs))
+    return loss, ce, kl, ent, st, grads
 
 
 def _wanted(ctx, grad_enabled):
@@ -190,8 +190,9 @@ def _no_autocast(t):
 
 
 class ChunkedLinearHRMFunction(torch.autograd.Function):
-    """Stage 1. Returns (loss, ce, kl): summed and divided by `denom` (a 0-d device tensor) for
-    reduction "mean"/"sum", per token (N,) when denom is None ("none"). ce, kl: no gradient."""
+    """Stage 1. Returns (loss, ce, kl, entropy): summed and divided by `denom` (a 0-d device
+    tensor) for reduction "mean"/"sum", per token (N,) when denom is None ("none"). Only the loss
+    has a gradient."""
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, impl, budget,
@@ -208,20 +209,21 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
         rows = chunk_rows(labels.numel(), ws.shape[0], budget, xs, ws, xt, u, any(want[3:]))
         ctx.options, ctx.impl, ctx.rows, ctx.deferred = options, impl, rows, denom is None
         if denom is None:   # "none": gradients wait for grad_output, recomputed in backward
-            loss, ce, kl, stats, _ = _sweep(like[:6], u, labels, options, impl, rows)
+            loss, ce, kl, ent, stats, _ = _sweep(like[:6], u, labels, options, impl, rows)
             ctx.save_for_backward(*like, labels, stats)
         else:
             n = labels.numel()
             inv = torch.ones((), dtype=acc_dtype(xs.dtype), device=xs.device) / denom
-            loss, ce, kl, _, grads = _sweep(like[:6], u, labels, options, impl, rows,
-                                            grad=inv.expand(n) if any(want) else None, want=want)
+            loss, ce, kl, ent, _, grads = _sweep(like[:6], u, labels, options, impl, rows,
+                                                 grad=inv.expand(n) if any(want) else None,
+                                                 want=want)
             ctx.save_for_backward(*_cast(grads, like))   # d W rounded once, after the fp32 sum
-            loss, ce, kl = (t.sum() / denom for t in (loss, ce, kl))
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+            loss, ce, kl, ent = (t.sum() / denom for t in (loss, ce, kl, ent))
+        ctx.mark_non_differentiable(ce, kl, ent)
+        return loss, ce, kl, ent
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_ent):
         if not ctx.deferred:
             # A 0-d device tensor times each gradient: no host sync (Liger tests grad_output == 1
             # with torch.equal, a sync; multiplying by 1 costs one pass and is exact).
@@ -241,10 +243,10 @@ class FusedLinearHRMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, kernels):
-        hrm, temperature, eps, ignore_index, reverse, with_kl = options
+        hrm, temperature, eps, ignore_index, beta, with_kl = options
         loss, ce, kl, stats = kernels.linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm,
-                                                          temperature, eps, ignore_index, reverse,
-                                                          with_kl=with_kl)
+                                                          temperature, eps, ignore_index,
+                                                          beta == 1.0, with_kl=with_kl)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, u, labels, stats)
         ctx.options, ctx.kernels = options, kernels
         ctx.mark_non_differentiable(ce, kl)
@@ -253,8 +255,8 @@ class FusedLinearHRMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         *heads, labels, stats = ctx.saved_tensors
-        hrm, temperature, eps, ignore_index, reverse, _ = ctx.options
+        hrm, temperature, eps, ignore_index, beta, _ = ctx.options
         grads = ctx.kernels.linear_hrm_loss_bwd(*heads, labels, stats, grad_loss.reshape(-1),
-                                                hrm, temperature, eps, ignore_index, reverse,
+                                                hrm, temperature, eps, ignore_index, beta == 1.0,
                                                 ctx.needs_input_grad[:7])
         return (*grads, *(None,) * 3)

@@ -18,14 +18,15 @@ class FusedHRMLoss(torch.nn.Module):
     """
 
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, kl_direction="forward", backend="auto",
+                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None, backend="auto",
                  return_components=False, inplace_backward=False, topk_mode="rest",
                  process_group=None, vocab_start_index=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-                      backend)
+                      backend, jsd_beta)
         _choice("topk_mode", topk_mode, TOPK_MODES)
         self.hrm, self.temperature, self.kl_direction = hrm, temperature, kl_direction
+        self.jsd_beta = jsd_beta
         self.reduction, self.label_smoothing, self.ignore_index = reduction, label_smoothing, ignore_index
         self.backend, self.return_components = backend, return_components
         self.inplace_backward, self.topk_mode = inplace_backward, topk_mode
@@ -36,13 +37,15 @@ class FusedHRMLoss(torch.nn.Module):
         return fused_hrm_loss(
             student_logits, teacher_logits, labels, self.hrm, teacher_topk=teacher_topk,
             num_items_in_batch=num_items_in_batch, temperature=self.temperature,
-            kl_direction=self.kl_direction, reduction=self.reduction,
+            kl_direction=self.kl_direction, jsd_beta=self.jsd_beta, reduction=self.reduction,
             label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
             backend=self.backend, return_components=self.return_components,
             inplace_backward=self.inplace_backward, topk_mode=self.topk_mode,
             process_group=self.process_group, vocab_start_index=self.vocab_start_index)
 
     def extra_repr(self):
-        return (f"hrm={self.hrm}, temperature={self.temperature}, kl_direction={self.kl_direction!r}, "
+        divergence = (f"jsd_beta={self.jsd_beta}" if self.jsd_beta is not None
+                      else f"kl_direction={self.kl_direction!r}")
+        return (f"hrm={self.hrm}, temperature={self.temperature}, {divergence}, "
                 f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
                 f"ignore_index={self.ignore_index}, backend={self.backend!r}")

@@ -60,7 +60,7 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_local, u_local, labels, hrm, temperature, label_smoothing, ignore_index,
-                reverse, impl, inplace_backward, group, start, v_total):
+                beta, impl, inplace_backward, group, start, v_total):
         z, u = rows_view(z_local), rows_view(u_local)
         v_local = z.shape[-1]
         labels = labels.reshape(-1).contiguous()
@@ -68,8 +68,9 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         # The shard's statistics. The kernel's own CE is not used (it needs the owner's z_y and,
         # with label smoothing, the whole row): it runs without smoothing, on in-shard labels.
         in_shard = torch.where(labels == ignore_index, labels, torch.where(owned, local, 0))
-        _, _, _, stats = impl.hrm_loss_fwd(z, u, in_shard, hrm, temperature, 0.0, ignore_index,
-                                           reverse)
+        _, _, _, h_part, stats = impl.hrm_loss_fwd(z, u, in_shard, hrm, temperature, 0.0,
+                                                   ignore_index, beta)
+        reverse = beta == 1.0      # the functional layer sends no JSD here
         lse = stats[:, :3]
         m = lse.clone()
         dist.all_reduce(m, dist.ReduceOp.MAX, group=group)
@@ -83,7 +84,11 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         sum_z = torch.zeros_like(mu_part)
         if label_smoothing > 0:   # one more read of the shard, only with label smoothing
             sum_z = torch.sum(z, dim=-1, dtype=torch.float32).reshape(-1)
-        parts = torch.stack((e[:, 0], e[:, 1], e[:, 2], mu_part, z_y, sum_z), 1)
+        # Entropy: with the shards' shares w_i = exp(lse_a_i - lse_a) of q's mass,
+        # H = sum_i w_i (H_i - log w_i) = sum_i e_i (H_i - (lse_a_i - m_a)) / S_a + log S_a,
+        # e_i = exp(lse_a_i - m_a), S_a = sum_i e_i.
+        h_part = torch.where(e[:, 1] > 0, e[:, 1] * (h_part - (lse[:, 1] - m[:, 1])), 0.0)
+        parts = torch.stack((e[:, 0], e[:, 1], e[:, 2], mu_part, z_y, sum_z, h_part), 1)
         dist.all_reduce(parts, group=group)
 
         lse = m + torch.log(parts[:, :3])
@@ -94,21 +99,22 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         z_y = torch.where(valid, parts[:, 4], torch.nan)
         eps = label_smoothing
         ce = lse[:, 0] - (1 - eps) * z_y - eps / v_total * parts[:, 5] if eps > 0 else lse[:, 0] - z_y
+        entropy = parts[:, 6] / parts[:, 1] + torch.log(parts[:, 1])
         keep = labels != ignore_index
-        ce, kl = torch.where(keep, ce, 0.0), torch.where(keep, kl, 0.0)
+        ce, kl, entropy = (torch.where(keep, t, 0.0) for t in (ce, kl, entropy))
         loss = ce + hrm * kl if hrm > 0 else ce.clone()
 
-        stats = torch.cat((lse, mu[:, None]), 1)
+        stats = torch.cat((lse, mu[:, None], torch.zeros_like(mu)[:, None]), 1)
         ctx.save_for_backward(z_local, u_local, local, stats, owned)
-        ctx.options = (hrm, temperature, label_smoothing, ignore_index, reverse, v_total)
+        ctx.options = (hrm, temperature, label_smoothing, ignore_index, beta, v_total)
         ctx.impl, ctx.inplace_backward = impl, inplace_backward
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.mark_non_differentiable(ce, kl, entropy)
+        return loss, ce, kl, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_entropy):
         z_local, u_local, local, stats, owned = ctx.saved_tensors
-        hrm, temperature, eps, ignore_index, reverse, v_total = ctx.options
+        hrm, temperature, eps, ignore_index, beta, v_total = ctx.options
         z, u = rows_view(z_local), rows_view(u_local)
         v_local = z.shape[-1]
         dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
@@ -118,7 +124,7 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         # eps * V_local / V gives the global eps / V, and the label column is corrected below.
         eps_k = eps * v_local / v_total
         ctx.impl.hrm_loss_bwd(z, u, local, stats, grad, hrm, temperature, eps_k, ignore_index,
-                              reverse, dz, du)
+                              beta, dz, du)
         if eps > 0:   # (rounds that one element twice in half precision)
             rows = torch.arange(local.numel(), device=local.device)
             fix = torch.where(owned, grad.float() * (eps - eps_k), 0.0)

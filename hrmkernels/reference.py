@@ -5,9 +5,12 @@ N x V tensors. Tests compare every backend with it in float64; it is not a backe
 
     CE    = (1 - eps) * (lse(z) - z_y) + eps * (lse(z) - mean_v z_v)
     q     = softmax(z / T),  p = softmax(u / T)
-    KL    = sum_v p_v (log p_v - log q_v)        forward (teacher || student)
-          = sum_v q_v (log q_v - log p_v)        reverse (student || teacher)
-    token = CE + hrm * KL                        (0 at ignored tokens)
+    D     = KL(p || q) = sum_v p_v (log p_v - log q_v)     beta = 0 (kl_direction "forward")
+          = KL(q || p) = sum_v q_v (log q_v - log p_v)     beta = 1 (kl_direction "reverse")
+          = beta KL(p || m) + (1 - beta) KL(q || m)        0 < beta < 1: generalised JSD,
+                                                           m = beta p + (1 - beta) q (TRL's beta)
+    token = CE + hrm * D                                   (0 at ignored tokens)
+    H     = -sum_v q_v log q_v                             the student's entropy, for logging
 
 A sparse teacher (hrm_loss_topk_reference) is given per token as distinct indices t_1..t_k and
 log-probabilities l_i = log p_{t_i}, used as given: they are the teacher's distribution at the
@@ -20,10 +23,34 @@ KL temperature already (log_softmax(u / T).topk(k)); T divides only the student'
     "renormalize"  k outcomes: p^_i = p_i / sum_j p_j,  q^_i = q_{t_i} / sum_j q_{t_j},
                    KL = sum_i p^_i (log p^_i - log q^_i)  (reverse swaps p^ and q^)
 """
+import math
+
 import torch
 
+from typing import NamedTuple
+
 from hrmkernels._checks import (check_num_items, check_options, check_teacher_topk,
-                                check_tensors)
+                                check_tensors, divergence_beta)
+
+
+class _Parts(NamedTuple):
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+class HRMLoss(_Parts):
+    """What ``return_components=True`` returns: the loss and its detached parts.
+
+    Unpacks as ``loss, ce, kl`` (``kl`` is the divergence term: KL, or the JSD with
+    ``jsd_beta``); ``entropy`` (an attribute, not unpacked) is the student's entropy
+    ``-sum q log q`` of ``q = softmax(z / T)``, detached and reduced like ``ce`` and ``kl``.
+    """
+
+    def __new__(cls, loss, ce, kl, entropy=None):
+        self = super().__new__(cls, loss, ce, kl)
+        self.entropy = entropy
+        return self
 
 
 def _compute_dtype(*tensors):
@@ -52,31 +79,53 @@ def _kl(log_p, log_q):
     return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
 
 
-def _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components):
-    """token = CE + hrm * KL, zeroed at ignored tokens, then reduced."""
+def _divergence(log_p, log_q, beta):
+    """KL(p || q) at beta = 0, KL(q || p) at beta = 1, else beta KL(p || m) + (1 - beta) KL(q || m)
+    with m = beta p + (1 - beta) q, whose log is taken in log space: entries whose probability
+    underflows under both models (log p, log q < -104 in fp32) give 0, not 0 * log 0 = NaN."""
+    if beta == 0:
+        return _kl(log_p, log_q)
+    if beta == 1:
+        return _kl(log_q, log_p)
+    both_zero = (log_p == float("-inf")) & (log_q == float("-inf"))
+    lp, lq = (torch.where(both_zero, 0.0, x) for x in (log_p, log_q))   # no NaN gradient there
+    log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    log_m = torch.where(both_zero, float("-inf"), log_m)
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def _entropy(log_q):
+    q = log_q.exp()
+    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
+
+
+def _finish(ce, kl, entropy, hrm, keep, reduction, num_items_in_batch, return_components):
+    """token = CE + hrm * D, zeroed at ignored tokens, then reduced."""
     loss = ce + hrm * kl if hrm > 0 else ce   # hrm == 0 drops the KL term, even an infinite one
     zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    out = tuple(torch.where(keep, t, zero) for t in (loss, ce, kl))
+    out = tuple(torch.where(keep, t, zero) for t in (loss, ce, kl, entropy))
     if reduction != "none":
         out = tuple(t.sum() for t in out)
         if reduction == "mean":
             n = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
             denom = n.to(device=ce.device, dtype=ce.dtype).clamp_min(1)
             out = tuple(t / denom for t in out)
-    loss, ce, kl = out
-    return (loss, ce.detach(), kl.detach()) if return_components else loss
+    loss, ce, kl, entropy = out
+    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach()) if return_components else loss
 
 
 def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperature=1.0,
                        ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                       kl_direction="forward", num_items_in_batch=None, return_components=False):
-    """CE + hrm * KL in plain PyTorch; same arguments and results as ``fused_hrm_loss``.
+                       kl_direction="forward", jsd_beta=None, num_items_in_batch=None,
+                       return_components=False):
+    """CE + hrm * D in plain PyTorch; same arguments and results as ``fused_hrm_loss``.
 
     Math runs in float32, or float64 when an input is float64. Returns the loss, or
-    ``(loss, ce, kl)`` with ``return_components=True`` (ce and kl detached).
+    ``HRMLoss(loss, ce, kl)`` (with ``.entropy``) for ``return_components=True``.
     """
     check_tensors(student_logits, teacher_logits, labels)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch")
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch",
+                  jsd_beta)
     check_num_items(num_items_in_batch, student_logits.device)
     dtype = _compute_dtype(student_logits, teacher_logits)
     keep = labels != ignore_index
@@ -84,8 +133,9 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
     ce = _ce(z, labels, keep, float(label_smoothing))
     log_q = torch.log_softmax(z / temperature, dim=-1)
     log_p = torch.log_softmax(u / temperature, dim=-1)
-    kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
-    return _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components)
+    kl = _divergence(log_p, log_q, divergence_beta(kl_direction, jsd_beta))
+    return _finish(ce, kl, _entropy(log_q), hrm, keep, reduction, num_items_in_batch,
+                   return_components)
 
 
 def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_mode="rest",
@@ -121,4 +171,5 @@ def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_m
         log_p = torch.cat([lp, rest_p.log().unsqueeze(-1)], -1)
         log_q = torch.cat([log_q_top, log_rest_q], -1)
     kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
-    return _finish(ce, kl, hrm, keep, reduction, num_items_in_batch, return_components)
+    return _finish(ce, kl, _entropy(torch.log_softmax(z / temperature, dim=-1)), hrm, keep,
+                   reduction, num_items_in_batch, return_components)

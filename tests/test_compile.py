@@ -35,19 +35,19 @@ def _op_samples(backend):
     lp, idx = torch.log_softmax(u, -1).topk(4, -1)
     g = torch.rand(10, device=DEVICE)
     samples = []
-    for zz, options in ((z, (0.5, 2.0, 0.1, -100, False)), (z.bfloat16(), (0.5, 1.0, 0.0, -100, True))):
+    for zz, options in ((z, (0.5, 2.0, 0.1, -100, 0.0)), (z.bfloat16(), (0.5, 1.0, 0.0, -100, 1.0))):
         out = dense.hrm_loss_fwd(zz, u, y, *options)
         samples.append((getattr(ops, "hrm_loss_fwd" + suffix), (zz, u, y, *options)))
         for du, grad in ((torch.empty_like(u), g), (None, torch.ones((), device=DEVICE).expand(10))):
             samples.append((getattr(ops, "hrm_loss_bwd" + suffix),
-                            (zz, u, y, out[3], grad, *options, torch.empty_like(zz), du)))
+                            (zz, u, y, out[4], grad, *options, torch.empty_like(zz), du)))
         if topk is not None:
             for renormalize in (False, True):
                 out = topk.hrm_loss_topk_fwd(zz, idx, lp, y, *options, renormalize)
                 samples.append((getattr(ops, "hrm_loss_topk_fwd" + suffix),
                                 (zz, idx, lp, y, *options, renormalize)))
                 samples.append((getattr(ops, "hrm_loss_topk_bwd" + suffix),
-                                (zz, idx, lp, y, out[3], g, *options, renormalize,
+                                (zz, idx, lp, y, out[4], g, *options, renormalize,
                                  torch.empty_like(zz))))
     return samples
 

@@ -39,6 +39,13 @@ BAD = [
     (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
     (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be an int or a 0-d"),
+    (dict(jsd_beta=1.5), ValueError, "jsd_beta must lie in [0, 1]"),
+    (dict(jsd_beta=float("nan")), ValueError, "jsd_beta must not be NaN"),
+    (dict(jsd_beta="0.5"), TypeError, "jsd_beta must be a Python float"),
+    (dict(jsd_beta=0.5, kl_direction="reverse"), ValueError, "pass jsd_beta or kl_direction"),
+    (dict(jsd_beta=0.5, teacher_logits=None, teacher_topk=(torch.zeros(4, 2, dtype=torch.long),
+                                                           torch.zeros(4, 2))),
+     ValueError, "jsd_beta strictly between 0 and 1 needs dense teacher_logits"),
 ]
 
 
@@ -96,9 +103,13 @@ def test_fused_hrm_loss_module_matches_functional():
 def test_hrm_loss_components_are_detached_and_consistent():
     z, u, y = _inputs(v=17)
     z.requires_grad_()
-    loss, ce, kl = fused_hrm_loss(z, u, y, 0.25, return_components=True)
+    out = fused_hrm_loss(z, u, y, 0.25, return_components=True, temperature=2.0)
+    loss, ce, kl = out    # unpacks as three; the entropy is an attribute
     assert loss.requires_grad and not ce.requires_grad and not kl.requires_grad
+    assert not out.entropy.requires_grad and out.entropy.shape == ce.shape
     torch.testing.assert_close(loss.detach(), ce + 0.25 * kl)
+    q = torch.softmax(z.detach() / 2.0, -1)
+    torch.testing.assert_close(out.entropy, -(q * q.log()).sum(-1).mean())
 
 
 def test_public_api_is_exactly_the_design():

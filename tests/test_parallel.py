@@ -71,7 +71,8 @@ def _worker(rank, world, port, backend):
             ref = hrm_loss_reference(zr, ur, y, hrm, return_components=True, **kw)
             (ref[0] * gout.double()).sum().backward()
             for what, a, b in [("loss", out.loss, ref[0]), ("ce", out.ce, ref[1]),
-                               ("kl", out.kl, ref[2]), ("dz", zl.grad, zr.grad[..., lo:hi]),
+                               ("kl", out.kl, ref[2]), ("entropy", out.entropy, ref.entropy),
+                               ("dz", zl.grad, zr.grad[..., lo:hi]),
                                ("du", ul.grad, ur.grad[..., lo:hi] if ur.grad is not None
                                 else torch.zeros_like(ul, dtype=torch.float64))]:
                 torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6,

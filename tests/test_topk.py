@@ -80,7 +80,7 @@ def check(backend, **kw):
     ref, dz_ref = _run(_reference, z.double(), view, y, (idx, lp.double()), c, g.double())
     # fp32 floors as in test_hrm_loss.py: a few ulps of the log-sum-exps (~|logit| / T).
     mag = max(1.0, z[z.isfinite()].abs().max().item() / c["t"], math.log(c["v"]))
-    for name, a, b in zip(("loss", "ce", "kl"), got, ref):
+    for name, a, b in zip(("loss", "ce", "kl", "entropy"), (*got, got.entropy), (*ref, ref.entropy)):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * mag, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")

@@ -5,7 +5,24 @@
     pytorch    backend="torch": chunked pure PyTorch, any device
     native     the compiled extension built from csrc/ (backend="cuda")
 
-Every launcher module exposes the same functions (hrm_loss_fwd, hrm_loss_bwd, and for top-k
-teachers hrm_loss_topk_fwd, hrm_loss_topk_bwd); hrmkernels.backends chooses one. Nothing here
-imports the layers above (autograd Functions, functional API, modules).
+hrmkernels.backends chooses a module; nothing here imports the layers above. Every module
+exposes the same launchers (the top-k pair only where noted):
+
+    hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta)
+        -> loss, ce, div, entropy (N,) and stats (N, 5)
+    hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
+                 beta, dz, du) -> None
+    hrm_loss_topk_fwd(z, idx, lp, labels, ..., beta, renormalize) -> loss, ce, div, entropy, stats
+    hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, ..., beta, renormalize, dz) -> None
+
+z, u: (B, S, V) row views with a unit last stride (hrmkernels._checks.rows_view), N = B * S;
+labels (N,). beta chooses the divergence D: 0 is KL(p || q), 1 is KL(q || p), strictly between
+is the generalised JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q,
+with p = softmax(u / T), q = softmax(z / T). Outputs are float32 (float64 for float64 inputs
+where a backend takes them) and exactly 0 at ignored rows: loss = ce + hrm * div (ce alone at
+hrm == 0, even where div is infinite), div = D clamped at 0, entropy = H(q). stats holds what
+the backward needs: (lse(z), lse(z / T), lse(u / T), mu, 0) for the KL, mu = E_p[b - a]
+(forward) or E_q[a - b] (reverse); (lse(z), lse(z / T), lse(u / T), KL(q || m), KL(p || m)) for
+the JSD. The backward writes grad_r * d(loss_r) / dz into dz (which may alias z) and likewise
+into du unless it is None; grad (N,) fp32 may be a stride-0 expansion of a scalar.
 """

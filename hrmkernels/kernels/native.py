@@ -133,19 +133,19 @@ def _register_fakes():
     """Shapes and dtypes of the ops' outputs, for FakeTensor tracing (torch.compile, export)."""
 
     def outputs(z, n):
-        return (z.new_empty((n,), dtype=torch.float32), z.new_empty((n,), dtype=torch.float32),
-                z.new_empty((n,), dtype=torch.float32), z.new_empty((n, 4), dtype=torch.float32))
+        return (*(z.new_empty((n,), dtype=torch.float32) for _ in range(4)),
+                z.new_empty((n, 5), dtype=torch.float32))
 
     @torch.library.register_fake("hrmkernels::hrm_loss_fwd")
-    def _(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
+    def _(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
         return outputs(z, labels.shape[0])
 
     @torch.library.register_fake("hrmkernels::hrm_loss_fwd_bwd")
-    def _(z, u, labels, grad, hrm, temperature, label_smoothing, ignore_index, reverse, dz, du):
+    def _(z, u, labels, grad, hrm, temperature, label_smoothing, ignore_index, beta, dz, du):
         return outputs(z, labels.shape[0])
 
     @torch.library.register_fake("hrmkernels::hrm_loss_bwd")
-    def _(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, reverse,
+    def _(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, beta,
           dz, du):
         return None
 
@@ -157,16 +157,17 @@ def _require():
             raise RuntimeError(f"the hrmkernels CUDA backend is not available: {why}")
 
 
-def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """z, u: (B, S, V) CUDA row views; labels: (N,). Returns loss, ce, kl (N,), stats (N, 4), fp32."""
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
+    """z, u: (B, S, V) CUDA row views; labels: (N,). Returns loss, ce, div, entropy (N,) and
+    stats (N, 5), fp32 (the contract of kernels/__init__.py)."""
     _require()
     return torch.ops.hrmkernels.hrm_loss_fwd(z, u, labels, float(hrm), float(temperature),
                                              float(label_smoothing), int(ignore_index),
-                                             bool(reverse))
+                                             float(beta))
 
 
 def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-                 reverse, dz, du):
+                 beta, dz, du):
     """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du.
 
     grad is (N,), possibly a stride-0 expansion of a scalar; dz may be z itself (in place).
@@ -175,11 +176,11 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
     if grad.dtype != torch.float32:
         grad = grad.float()
     torch.ops.hrmkernels.hrm_loss_bwd(z, u, labels, stats, grad, float(hrm), float(temperature),
-                                      float(label_smoothing), int(ignore_index), bool(reverse),
+                                      float(label_smoothing), int(ignore_index), float(beta),
                                       dz, du)
 
 
-def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, ignore_index, reverse,
+def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, ignore_index, beta,
                      dz, du):
     """hrm_loss_fwd and hrm_loss_bwd in one call, for rows' gradients known before the forward.
 
@@ -192,7 +193,7 @@ def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, igno
         grad = grad.float()
     return torch.ops.hrmkernels.hrm_loss_fwd_bwd(z, u, labels, grad, float(hrm),
                                                  float(temperature), float(label_smoothing),
-                                                 int(ignore_index), bool(reverse), dz, du)
+                                                 int(ignore_index), float(beta), dz, du)
 
 
 def fwd_bwd_cluster_size(z, u, dz, du=None):

@@ -1,7 +1,7 @@
 """backend="torch": the fused HRM loss in pure PyTorch, memory-frugal, for any device.
 
-Same contract as the Triton launchers (hrm_loss_fwd / hrm_loss_bwd, and hrm_loss_topk_fwd /
-hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
+The launchers' contract is in kernels/__init__.py (hrm_loss_fwd / hrm_loss_bwd, and
+hrm_loss_topk_fwd / hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
 logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is; the
 forward saves per-row log-sum-exps and the backward is written by hand from DESIGN.md section 1
 (top-k: topk.py) instead of keeping an autograd graph over N x V tensors.
@@ -13,6 +13,8 @@ inside the ops, so they also run in a compiled model; they are skipped only whil
 (torch.compiler.is_compiling()) and on other devices, where a bad label or index gives a NaN
 loss instead, as in the GPU kernels.
 """
+import math
+
 import torch
 from torch import Tensor
 
@@ -66,13 +68,53 @@ def _ce_grad(zc, lse_z, y, v, eps):
     return d_z
 
 
-def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
+def _entropy(a):
+    """H(softmax(a)) per row as log s - h / s with s = sum e, h = sum e (a - m), e = exp(a - m),
+    m = max a: the kernels' relative form, accurate where lse(a) - E_q[a] would cancel."""
+    m = a.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    e = (a - m).exp()
+    s = e.sum(-1)
+    return s.log() - (e * torch.where(e > 0, a - m, 0.0)).sum(-1) / s
+
+
+def _log_mix(lp, lq, beta):
+    """log(beta p + (1 - beta) q) from log p and log q; -inf only where p = q = 0."""
+    return torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+
+
+def _xlogy_diff(w, d):
+    """sum w * d over the last dimension, 0 where w == 0 (0 * log 0 = 0, even at d = inf)."""
+    return (w * torch.where(w > 0, d, 0.0)).sum(-1)
+
+
+def _divergence(a, b, lse_a, lse_b, beta):
+    """The divergence per row and the two statistics the backward needs (the derivation is in
+    kernels/triton/hrm_loss.py).
+
+    KL (beta 0 or 1): mu = E_p[b - a] (reverse: E_q[a - b]), KL = mu + lse_a - lse_b (reverse:
+    + lse_b - lse_a), stats (mu, 0). JSD: kl_qm = KL(q || m), kl_pm = KL(p || m), stats
+    (kl_qm, kl_pm).
+    """
+    if beta in (0.0, 1.0):
+        w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if beta == 1.0 else \
+            ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
+        # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
+        mu = _xlogy_diff(w, d) / w.sum(-1)
+        return (mu + lse_d).clamp_min(0), mu, torch.zeros_like(mu)
+    lq, lp = a - lse_a[:, None], b - lse_b[:, None]
+    lm = _log_mix(lp, lq, beta)
+    kl_qm, kl_pm = _xlogy_diff(lq.exp(), lq - lm), _xlogy_diff(lp.exp(), lp - lm)
+    return (beta * kl_pm + (1 - beta) * kl_qm).clamp_min(0), kl_qm, kl_pm
+
+
+def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
     v = z.shape[-1]
     _check_labels(labels, ignore_index, v)
     dtype, eps = _compute_dtype(z, u), float(label_smoothing)
     n = labels.numel()
-    ce, kl = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(2))
-    stats = torch.empty(n, 4, dtype=dtype, device=z.device)
+    ce, div, ent = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(3))
+    stats = torch.empty(n, 5, dtype=dtype, device=z.device)
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
         zc, uc = z[bi, s0:s1].to(dtype), u[bi, s0:s1].to(dtype)
@@ -80,44 +122,44 @@ def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse)
         lse_z, ce_c = _ce(zc, y, v, eps)
         lse_a = lse_z if temperature == 1 else torch.logsumexp(a, -1)
         lse_b = torch.logsumexp(b, -1)
-        # mu = E_p[b - a] (reverse: E_q[a - b]); KL = mu + lse_a - lse_b (see hrm_loss.py)
-        w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if reverse else \
-            ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
-        # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
-        mu = (w * torch.where(w > 0, d, 0.0)).sum(-1) / w.sum(-1)
-        kl_c = (mu + lse_d).clamp_min(0)
+        div_c, s3, s4 = _divergence(a, b, lse_a, lse_b, beta)
         keep = y != ignore_index
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
-        kl[r0:r1] = torch.where(keep, kl_c, 0.0)
-        stats[r0:r1] = torch.stack((lse_z, lse_a, lse_b, mu), 1)
-    loss = ce + hrm * kl if hrm > 0 else ce.clone()
-    return loss, ce, kl, stats
+        div[r0:r1] = torch.where(keep, div_c, 0.0)
+        ent[r0:r1] = torch.where(keep, _entropy(a), 0.0)
+        stats[r0:r1] = torch.where(keep[:, None], torch.stack((lse_z, lse_a, lse_b, s3, s4), 1), 0.0)
+    loss = ce + hrm * div if hrm > 0 else ce.clone()
+    return loss, ce, div, ent, stats
 
 
-def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, reverse,
-         dz, du):
+def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, beta, dz, du):
     v = z.shape[-1]
     dtype, eps, c = _compute_dtype(z, u), float(label_smoothing), hrm / temperature
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
-        g = torch.where(y != ignore_index, grad[r0:r1].to(dtype), 0.0)[:, None]
-        lse_z, lse_a, lse_b, mu = (stats[r0:r1, i, None].to(dtype) for i in range(4))
+        keep = (y != ignore_index)[:, None]   # ignored rows: exact zeros (their stats are 0)
+        g = torch.where(keep, grad[r0:r1, None].to(dtype), 0.0)
+        lse_z, lse_a, lse_b, s3, s4 = (stats[r0:r1, i, None].to(dtype) for i in range(5))
         zc = z[bi, s0:s1].to(dtype)
         d_z = _ce_grad(zc, lse_z, y, v, eps)
+        d_u = None
         if hrm > 0:
             a, b = zc / temperature, u[bi, s0:s1].to(dtype) / temperature
-            q, p = (a - lse_a).exp(), (b - lse_b).exp()
-            if reverse:
-                d_z += c * torch.where(q > 0, q * ((a - b) - mu), 0.0)
-                if du is not None:
-                    du[bi, s0:s1] = c * (p - q) * g
-            else:
+            lq, lp = a - lse_a, b - lse_b
+            q, p = lq.exp(), lp.exp()
+            if beta == 1.0:     # log q - log p - KL = (a - b) - mu
+                d_z += c * torch.where(q > 0, q * ((a - b) - s3), 0.0)
+                d_u = c * (p - q)
+            elif beta == 0.0:   # log p - log q - KL = (b - a) - mu
                 d_z += c * (q - p)
-                if du is not None:
-                    du[bi, s0:s1] = c * torch.where(p > 0, p * ((b - a) - mu), 0.0) * g
-        elif du is not None:
-            du[bi, s0:s1] = 0
-        dz[bi, s0:s1] = d_z * g
+                d_u = c * torch.where(p > 0, p * ((b - a) - s3), 0.0)
+            else:               # JSD: (1 - beta) q (lq - lm - kl_qm), beta p (lp - lm - kl_pm)
+                lm = _log_mix(lp, lq, beta)
+                d_z += c * (1 - beta) * torch.where(q > 0, q * (lq - lm - s3), 0.0)
+                d_u = c * beta * torch.where(p > 0, p * (lp - lm - s4), 0.0)
+        if du is not None:
+            du[bi, s0:s1] = torch.where(keep, d_u * g, 0.0) if d_u is not None else 0
+        dz[bi, s0:s1] = torch.where(keep, d_z * g, 0.0)
 
 
 # Top-k teachers: the math, the stats and the gradient are derived in topk.py.
@@ -141,9 +183,10 @@ def rest_mass(lp):
     return (-torch.expm1(m.squeeze(-1) + torch.log1p(e.sum(-1)))).clamp_min(0)
 
 
-def _xlogy_diff(w, d):
-    """sum w * d over the last dimension, 0 where w == 0 (0 * log 0 = 0, even at d = inf)."""
-    return (w * torch.where(w > 0, d, 0.0)).sum(-1)
+def _topk_reverse(beta):
+    if beta not in (0.0, 1.0):
+        raise ValueError(f"top-k teachers take the KL (beta 0 or 1), got beta={beta}")
+    return beta == 1.0
 
 
 def _bucket_kl(log_w, log_v):
@@ -154,14 +197,14 @@ def _bucket_kl(log_w, log_v):
     return torch.where((log_v == float("-inf")) & (log_w > float("-inf")), float("inf"), term)
 
 
-def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, reverse,
+def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, beta,
               renormalize):
-    v = z.shape[-1]
+    v, reverse = z.shape[-1], _topk_reverse(beta)
     _check_labels(labels, ignore_index, v)
     _check_topk_indices(idx, v)
     dtype, eps = _compute_dtype(z, lp), float(label_smoothing)
     n = labels.numel()
-    ce, kl = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(2))
+    ce, kl, ent = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(3))
     stats = torch.empty(n, 4, dtype=dtype, device=z.device)
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
@@ -195,14 +238,15 @@ def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_inde
         keep = y != ignore_index
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
         kl[r0:r1] = torch.where(keep, kl_c, 0.0)
+        ent[r0:r1] = torch.where(keep, _entropy(a), 0.0)
         stats[r0:r1] = torch.stack((lse_z, lse_s, slot2, kl_c), 1)
     loss = ce + hrm * kl if hrm > 0 else ce.clone()
-    return loss, ce, kl, stats
+    return loss, ce, kl, ent, stats
 
 
 def _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-              reverse, renormalize, dz):
-    v = z.shape[-1]
+              beta, renormalize, dz):
+    v, reverse = z.shape[-1], _topk_reverse(beta)
     dtype, eps, c = _compute_dtype(z, lp), float(label_smoothing), hrm / temperature
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
@@ -237,14 +281,15 @@ def _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing
 
 @torch.library.custom_op("hrmkernels::hrm_loss_fwd_torch", mutates_args=())
 def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperature: float,
-                     label_smoothing: float, ignore_index: int, reverse: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse)
+                     label_smoothing: float, ignore_index: int, beta: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta)
 
 
-def _fwd_fake(z, u, labels, *options):
+def _fwd_fake(z, u, labels, *options, n_stats=5):
     n, dtype = labels.shape[0], _compute_dtype(z, u)
-    return (*(z.new_empty(n, dtype=dtype) for _ in range(3)), z.new_empty((n, 4), dtype=dtype))
+    return (*(z.new_empty(n, dtype=dtype) for _ in range(4)),
+            z.new_empty((n, n_stats), dtype=dtype))
 
 
 _hrm_loss_fwd_op.register_fake(_fwd_fake)
@@ -253,9 +298,8 @@ _hrm_loss_fwd_op.register_fake(_fwd_fake)
 @torch.library.custom_op("hrmkernels::hrm_loss_bwd_torch", mutates_args=("dz", "du"))
 def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: Tensor,
                      hrm: float, temperature: float, label_smoothing: float, ignore_index: int,
-                     reverse: bool, dz: Tensor, du: Tensor | None) -> None:
-    _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, reverse, dz,
-         du)
+                     beta: float, dz: Tensor, du: Tensor | None) -> None:
+    _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, beta, dz, du)
 
 
 _hrm_loss_bwd_op.register_fake(lambda *args: None)
@@ -264,52 +308,53 @@ _hrm_loss_bwd_op.register_fake(lambda *args: None)
 @torch.library.custom_op("hrmkernels::hrm_loss_topk_fwd_torch", mutates_args=())
 def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hrm: float,
                           temperature: float, label_smoothing: float, ignore_index: int,
-                          reverse: bool, renormalize: bool
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
-                     reverse, renormalize)
+                          beta: float, renormalize: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, beta,
+                     renormalize)
 
 
-_hrm_loss_topk_fwd_op.register_fake(lambda z, idx, lp, labels, *options: _fwd_fake(z, lp, labels))
+_hrm_loss_topk_fwd_op.register_fake(
+    lambda z, idx, lp, labels, *options: _fwd_fake(z, lp, labels, n_stats=4))
 
 
 @torch.library.custom_op("hrmkernels::hrm_loss_topk_bwd_torch", mutates_args=("dz",))
 def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, stats: Tensor,
                           grad: Tensor, hrm: float, temperature: float, label_smoothing: float,
-                          ignore_index: int, reverse: bool, renormalize: bool, dz: Tensor) -> None:
+                          ignore_index: int, beta: float, renormalize: bool, dz: Tensor) -> None:
     _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-              reverse, renormalize, dz)
+              beta, renormalize, dz)
 
 
 _hrm_loss_topk_bwd_op.register_fake(lambda *args: None)
 
 
-def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """As kernels.triton.hrm_loss.hrm_loss_fwd; outputs are float64 when an input is float64."""
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
+    """As kernels/__init__.py's contract; outputs are float64 when an input is float64."""
     return torch.ops.hrmkernels.hrm_loss_fwd_torch(z, u, labels, float(hrm), float(temperature),
                                                    float(label_smoothing), int(ignore_index),
-                                                   bool(reverse))
+                                                   float(beta))
 
 
 def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-                 reverse, dz, du):
+                 beta, dz, du):
     """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du."""
     torch.ops.hrmkernels.hrm_loss_bwd_torch(z, u, labels, stats, grad, float(hrm),
                                             float(temperature), float(label_smoothing),
-                                            int(ignore_index), bool(reverse), dz, du)
+                                            int(ignore_index), float(beta), dz, du)
 
 
 def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
-                      reverse, renormalize):
+                      beta, renormalize):
     """As kernels.triton.topk.hrm_loss_topk_fwd; float64 outputs when an input is float64."""
     return torch.ops.hrmkernels.hrm_loss_topk_fwd_torch(
         z, idx, lp, labels, float(hrm), float(temperature), float(label_smoothing),
-        int(ignore_index), bool(reverse), bool(renormalize))
+        int(ignore_index), float(beta), bool(renormalize))
 
 
 def hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing,
-                      ignore_index, reverse, renormalize, dz):
+                      ignore_index, beta, renormalize, dz):
     """Write d(sum_r grad_r * loss_r)/dz into dz (the top-k log-probabilities get no gradient)."""
     torch.ops.hrmkernels.hrm_loss_topk_bwd_torch(
         z, idx, lp, labels, stats, grad, float(hrm), float(temperature), float(label_smoothing),
-        int(ignore_index), bool(reverse), bool(renormalize), dz)
+        int(ignore_index), float(beta), bool(renormalize), dz)

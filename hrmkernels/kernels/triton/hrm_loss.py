@@ -10,6 +10,7 @@ running weighted sum give the KL without a second read, because log p - log q = 
     forward KL  = sum_v p_v (b_v - a_v) + lse_a - lse_b,   p_v = exp(b_v - m_b) / s_b
     reverse KL  = sum_v q_v (a_v - b_v) + lse_b - lse_a,   q_v = exp(a_v - m_a) / s_a
     CE          = lse_z - (1 - eps) z_y - eps * mean_v z_v
+    H(q)        = log s_a - h / s_a,   h = sum_v exp(a_v - m_a) (a_v - m_a)   (for logging)
 
 With a running max m and sum s = sum exp(x - m), the weighted sum t = sum exp(x - m) w is
 rescaled by exp(m_old - m_new) exactly like s, and t / s is the expectation at the end.
@@ -25,7 +26,8 @@ reverse: log q - log p - KL = (a - b) - E_q[a - b]). The forward saves mu = t / 
 logits of magnitude 1e4 the lse terms are ~1e4 and would cost three digits in fp32.
 
 Bytes per element (bf16 in, bf16 out): forward reads z and u (4 B); backward reads them again
-and writes dz (6 B; 8 B with du). Per row: a label, loss/ce/kl and 4 saved statistics (28 B).
+and writes dz (6 B; 8 B with du). Per row: a label, loss, CE, KL, entropy and 5 saved
+statistics (40 B).
 
 Masked vocabulary entries (-inf) are legal: a zero probability contributes 0 to every sum
 (guarded with `where`, since 0 * inf is NaN), and a running max that is still -inf is
@@ -61,13 +63,30 @@ def _online_lse(m, s, x):
 
 
 @triton.jit
-def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr):
-    """An ignored token: loss, CE, KL and the 4 saved statistics of its row are exact zeros."""
+def _online_lse_h(m, s, h, x):
+    """_online_lse that also carries h = sum exp(x - m) (x - m), for the entropy log s - h / s.
+
+    On a new max, h relative to m_old becomes alpha (h + s (m_old - m_new)) relative to m_new;
+    the relative form keeps H accurate where lse(x) - E[x] would cancel (|x| ~ 1e4).
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    shift = tl.where(s > 0.0, s * (m - m_safe), 0.0)     # s == 0 while m is -inf
+    h = alpha * (h + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_safe), 0.0), axis=0)
+    return m_new, s * alpha + tl.sum(e, axis=0), h, e, alpha
+
+
+@triton.jit
+def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, N_STATS: tl.constexpr):
+    """An ignored token: loss, CE, KL, entropy and the saved statistics of its row are zeros."""
     tl.store(loss_ptr + row, 0.0)
     tl.store(ce_ptr + row, 0.0)
     tl.store(kl_ptr + row, 0.0)
-    for i in tl.static_range(4):
-        tl.store(stats_ptr + 4 * row + i, 0.0)
+    tl.store(ent_ptr + row, 0.0)
+    for i in tl.static_range(N_STATS):
+        tl.store(stats_ptr + N_STATS * row + i, 0.0)
 
 
 @triton.jit
@@ -94,7 +113,8 @@ def _hrm_loss_fwd_kernel(
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V), any float dtype
     y_ptr,                       # labels (N,) int32/int64, N = B * S
     loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
-    stats_ptr,                   # (N, 4) fp32 out, for backward: lse(z), lse(z/T), lse(u/T), mu
+    ent_ptr,                     # (N,) fp32 out: entropy of q = softmax(z/T)
+    stats_ptr,                   # (N, 5) fp32 out, for backward: lse(z), lse(z/T), lse(u/T), mu, 0
     S, V, hrm, inv_t, eps, ignore_index,
     REVERSE: tl.constexpr,       # KL(q || p) instead of KL(p || q)
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
@@ -104,7 +124,7 @@ def _hrm_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 5)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
@@ -113,18 +133,20 @@ def _hrm_loss_fwd_kernel(
     m_z, s_z, m_a, s_a, m_b, s_b = zero - float("inf"), zero, zero - float("inf"), zero, \
         zero - float("inf"), zero
     t = zero          # sum_v exp(x_v - m) * (x_v - other_v), x = b (forward) or a (reverse)
+    h = zero          # sum_v exp(a_v - m_a) * (a_v - m_a), for the entropy
     sum_z = zero
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
         z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
         b = tl.load(u_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_z, s_z, e_z, alpha_z = _online_lse(m_z, s_z, z)
         if UNIT_T:
             a = z
+            m_z, s_z, h, e_z, alpha_z = _online_lse_h(m_z, s_z, h, z)
             m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
         else:
             a = z * inv_t
-            m_a, s_a, e_a, alpha_a = _online_lse(m_a, s_a, a)
+            m_z, s_z, e_z, alpha_z = _online_lse(m_z, s_z, z)
+            m_a, s_a, h, e_a, alpha_a = _online_lse_h(m_a, s_a, h, a)
         m_b, s_b, e_b, alpha_b = _online_lse(m_b, s_b, b)
         if REVERSE:
             t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
@@ -145,10 +167,12 @@ def _hrm_loss_fwd_kernel(
 
     _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
-    tl.store(stats_ptr + 4 * row, lse_z)
-    tl.store(stats_ptr + 4 * row + 1, lse_a)
-    tl.store(stats_ptr + 4 * row + 2, lse_b)
-    tl.store(stats_ptr + 4 * row + 3, mu)
+    tl.store(ent_ptr + row, tl.log(s_a) - h / s_a)
+    tl.store(stats_ptr + 5 * row, lse_z)
+    tl.store(stats_ptr + 5 * row + 1, lse_a)
+    tl.store(stats_ptr + 5 * row + 2, lse_b)
+    tl.store(stats_ptr + 5 * row + 3, mu)
+    tl.store(stats_ptr + 5 * row + 4, 0.0)
 
 
 @triton.jit
@@ -156,7 +180,7 @@ def _hrm_loss_bwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V)
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V)
     y_ptr,                       # labels (N,)
-    stats_ptr,                   # (N, 4) fp32 from the forward: lse(z), lse(z/T), lse(u/T), mu
+    stats_ptr,                   # (N, 5) fp32 from the forward: lse(z), lse(z/T), lse(u/T), mu, 0
     g_ptr, g_stride,             # incoming gradient of the per-row loss (N,) fp32; stride 0 = scalar
     dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
     du_ptr, du_sb, du_ss,        # (B, S, V) out, teacher dtype; unused unless WRITE_DU
@@ -179,14 +203,14 @@ def _hrm_loss_bwd_kernel(
                      tl.zeros([BLOCK_V], tl.float32).to(du_ptr.dtype.element_ty), mask=mask)
         return
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-    lse_z = tl.load(stats_ptr + 4 * row)
+    lse_z = tl.load(stats_ptr + 5 * row)
     z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask, other=float("-inf")).to(tl.float32)
     sm = tl.exp(z - lse_z)
     dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
     if HAS_KL:
-        lse_a = tl.load(stats_ptr + 4 * row + 1)
-        lse_b = tl.load(stats_ptr + 4 * row + 2)
-        mu = tl.load(stats_ptr + 4 * row + 3)
+        lse_a = tl.load(stats_ptr + 5 * row + 1)
+        lse_b = tl.load(stats_ptr + 5 * row + 2)
+        mu = tl.load(stats_ptr + 5 * row + 3)
         b = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
                     other=float("-inf")).to(tl.float32) * inv_t
         if UNIT_T:
@@ -244,36 +268,42 @@ def custom_triton_op(name, mutates_args, fake):
 
 def _fwd_fake(z, u, labels, *options):
     n = labels.shape[0]
-    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(3)),
-            z.new_empty((n, 4), dtype=torch.float32))
+    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(4)),
+            z.new_empty((n, 5), dtype=torch.float32))
 
 
 def _no_output(*args):
     return None
 
 
+def _kl_reverse(beta):
+    if beta not in (0.0, 1.0):
+        raise NotImplementedError("the Triton JSD kernels are not written yet")
+    return beta == 1.0
+
+
 @custom_triton_op("hrmkernels::hrm_loss_fwd_triton", (), _fwd_fake)
 def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperature: float,
-                     label_smoothing: float, ignore_index: int, reverse: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     label_smoothing: float, ignore_index: int, beta: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, v = labels.shape[0], z.shape[-1]
-    loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
-    stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
+    loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
+    stats = torch.empty(n, 5, dtype=torch.float32, device=z.device)
     if n:
         with _device_of(z):
             wrap_triton(_hrm_loss_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
-                loss, ce, kl, stats, z.shape[1], v, hrm, 1.0 / temperature,
+                loss, ce, kl, ent, stats, z.shape[1], v, hrm, 1.0 / temperature,
                 label_smoothing, ignore_index,
-                REVERSE=reverse, SMOOTH=label_smoothing > 0, UNIT_T=temperature == 1.0,
-                BLOCK_V=_block_v(v), num_warps=8)
-    return loss, ce, kl, stats
+                REVERSE=_kl_reverse(beta), SMOOTH=label_smoothing > 0,
+                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v), num_warps=8)
+    return loss, ce, kl, ent, stats
 
 
 @custom_triton_op("hrmkernels::hrm_loss_bwd_triton", ("dz", "du"), _no_output)
 def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: Tensor,
                      hrm: float, temperature: float, label_smoothing: float, ignore_index: int,
-                     reverse: bool, dz: Tensor, du: Tensor | None) -> None:
+                     beta: float, dz: Tensor, du: Tensor | None) -> None:
     n, v = labels.shape[0], z.shape[-1]
     if not n:
         return
@@ -285,19 +315,20 @@ def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: 
             z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
             grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
             z.shape[1], v, hrm, 1.0 / temperature, label_smoothing, ignore_index,
-            REVERSE=reverse, HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0,
-            BLOCK_V=block, num_warps=8)
+            REVERSE=_kl_reverse(beta), HAS_KL=hrm > 0, WRITE_DU=write_du,
+            UNIT_T=temperature == 1.0, BLOCK_V=block, num_warps=8)
 
 
-def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, reverse):
-    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, kl (N,) and stats (N, 4), fp32."""
+def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
+    """z, u: (B, S, V) row views; labels: (N,). Returns loss, ce, div, entropy (N,) and stats
+    (N, 5), fp32 (the contract of kernels/__init__.py)."""
     return torch.ops.hrmkernels.hrm_loss_fwd_triton(z, u, labels, float(hrm), float(temperature),
                                                     float(label_smoothing), int(ignore_index),
-                                                    bool(reverse))
+                                                    float(beta))
 
 
 def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
-                 reverse, dz, du):
+                 beta, dz, du):
     """Write d(sum_r grad_r * loss_r)/dz into dz and, when du is not None, d/du into du.
 
     grad is (N,) fp32, possibly a stride-0 expansion of a scalar; dz, du are (B, S, V) views
@@ -305,4 +336,4 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
     """
     torch.ops.hrmkernels.hrm_loss_bwd_triton(z, u, labels, stats, grad, float(hrm),
                                              float(temperature), float(label_smoothing),
-                                             int(ignore_index), bool(reverse), dz, du)
+                                             int(ignore_index), float(beta), dz, du)

@@ -49,8 +49,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _online_lse, _store_ce_loss,
-                                       _store_ignored_row, custom_triton_op)
+from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _kl_reverse, _online_lse,
+                                                _online_lse_h, _store_ce_loss, _store_ignored_row,
+                                                custom_triton_op)
 
 
 @triton.jit
@@ -92,6 +93,7 @@ def _hrm_loss_topk_fwd_kernel(
     srt_ptr,                     # (N, K) the ids sorted ascending per row; read only if REST
     y_ptr,                       # labels (N,) int32/int64
     loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
+    ent_ptr,                     # (N,) fp32 out: entropy of q = softmax(z/T)
     stats_ptr,                   # (N, 4) fp32 out: lse(z), lse_s, L or lse_t, KL
     S, V, K, hrm, inv_t, eps, ignore_index,
     REVERSE: tl.constexpr,       # KL(student || teacher)
@@ -103,7 +105,7 @@ def _hrm_loss_topk_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)   # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, stats_ptr)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 4)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     cols = tl.arange(0, BLOCK_V)
@@ -113,21 +115,23 @@ def _hrm_loss_topk_fwd_kernel(
     m_z, s_z, m_a, s_a, m_r, s_r = zero - float("inf"), zero, zero - float("inf"), zero, \
         zero - float("inf"), zero
     sum_z = zero
+    h = zero          # sum_v exp(a_v - m_a) * (a_v - m_a), for the entropy
     srt_row = srt_ptr + row * K
     if REST:
         srt = tl.load(srt_row + ks, mask=kmask, other=0)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
         z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_z, s_z, _e_z, _alpha_z = _online_lse(m_z, s_z, z)
+        if UNIT_T:
+            a = z
+            m_z, s_z, h, _e_z, _alpha_z = _online_lse_h(m_z, s_z, h, z)
+        else:
+            a = z * inv_t
+            m_z, s_z, _e_z, _alpha_z = _online_lse(m_z, s_z, z)
+            m_a, s_a, h, _e_a, _alpha_a = _online_lse_h(m_a, s_a, h, a)
         if SMOOTH:
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
         if REST:
-            if UNIT_T:
-                a = z
-            else:
-                a = z * inv_t
-                m_a, s_a, _e_a, _alpha_a = _online_lse(m_a, s_a, a)
             # This block's top-k members are srt[lo:hi]; mask them out of the rest's sum.
             lo = tl.sum((kmask & (srt < v0)).to(tl.int32), axis=0)
             hi = tl.sum((kmask & (srt < v0 + BLOCK_V)).to(tl.int32), axis=0)
@@ -136,6 +140,10 @@ def _hrm_loss_topk_fwd_kernel(
                 member = member | (cols == tl.load(srt_row + j) - v0)
             m_r, s_r, _e_r, _alpha_r = _online_lse(m_r, s_r, tl.where(member, float("-inf"), a))
     lse_z = m_z + tl.log(s_z)
+    if UNIT_T:
+        entropy = tl.log(s_z) - h / s_z
+    else:
+        entropy = tl.log(s_a) - h / s_a
 
     # k gathers: ids outside [0, V) are never dereferenced; they make the row's KL NaN.
     i_row = i_ptr + (row // S) * i_sb + (row % S) * i_ss
@@ -183,6 +191,7 @@ def _hrm_loss_topk_fwd_kernel(
 
     _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
+    tl.store(ent_ptr + row, entropy)
     tl.store(stats_ptr + 4 * row, lse_z)
     tl.store(stats_ptr + 4 * row + 1, lse_s)
     tl.store(stats_ptr + 4 * row + 2, slot2)
@@ -262,17 +271,17 @@ def _hrm_loss_topk_bwd_kernel(
 
 def _fwd_fake(z, idx, lp, labels, *options):
     n = labels.shape[0]
-    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(3)),
+    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(4)),
             z.new_empty((n, 4), dtype=torch.float32))
 
 
 @custom_triton_op("hrmkernels::hrm_loss_topk_fwd_triton", (), _fwd_fake)
 def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hrm: float,
                           temperature: float, label_smoothing: float, ignore_index: int,
-                          reverse: bool, renormalize: bool
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          beta: float, renormalize: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
-    loss, ce, kl = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
     stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     if n:
         # "rest" sorts the ids (N x k, small) so that each vocabulary block finds its members.
@@ -280,18 +289,18 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
         with _device_of(z):
             wrap_triton(_hrm_loss_topk_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
-                lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, stats,
+                lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, ent, stats,
                 z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
-                REVERSE=reverse, REST=not renormalize, SMOOTH=label_smoothing > 0,
+                REVERSE=_kl_reverse(beta), REST=not renormalize, SMOOTH=label_smoothing > 0,
                 UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v),
                 BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
-    return loss, ce, kl, stats
+    return loss, ce, kl, ent, stats
 
 
 @custom_triton_op("hrmkernels::hrm_loss_topk_bwd_triton", ("dz",), lambda *args: None)
 def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, stats: Tensor,
                           grad: Tensor, hrm: float, temperature: float, label_smoothing: float,
-                          ignore_index: int, reverse: bool, renormalize: bool, dz: Tensor) -> None:
+                          ignore_index: int, beta: float, renormalize: bool, dz: Tensor) -> None:
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
     if not n:
         return
@@ -301,25 +310,25 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
             z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
             lp, lp.stride(0), lp.stride(1), labels, stats, grad, grad.stride(0),
             dz, dz.stride(0), dz.stride(1), z.shape[1], v, k, hrm, 1.0 / temperature,
-            label_smoothing, ignore_index, REVERSE=reverse, REST=not renormalize,
+            label_smoothing, ignore_index, REVERSE=_kl_reverse(beta), REST=not renormalize,
             HAS_KL=hrm > 0, UNIT_T=temperature == 1.0, BLOCK_V=block,
             BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
 
 
 def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
-                      reverse, renormalize):
-    """z: (B, S, V), idx, lp: (B, S, k) row views; labels: (N,).
+                      beta, renormalize):
+    """z: (B, S, V), idx, lp: (B, S, k) row views; labels: (N,); beta 0 or 1 (KL).
 
-    Returns loss, ce, kl (N,) and stats (N, 4), fp32.
+    Returns loss, ce, kl, entropy (N,) and stats (N, 4), fp32.
     """
     return torch.ops.hrmkernels.hrm_loss_topk_fwd_triton(
         z, idx, lp, labels, float(hrm), float(temperature), float(label_smoothing),
-        int(ignore_index), bool(reverse), bool(renormalize))
+        int(ignore_index), float(beta), bool(renormalize))
 
 
 def hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing,
-                      ignore_index, reverse, renormalize, dz):
+                      ignore_index, beta, renormalize, dz):
     """Write d(sum_r grad_r * loss_r)/dz into dz, a (B, S, V) view (may be z itself)."""
     torch.ops.hrmkernels.hrm_loss_topk_bwd_triton(
         z, idx, lp, labels, stats, grad, float(hrm), float(temperature), float(label_smoothing),
-        int(ignore_index), bool(reverse), bool(renormalize), dz)
+        int(ignore_index), float(beta), bool(renormalize), dz)
