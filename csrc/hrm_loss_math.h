@@ -37,8 +37,10 @@
 
 #if defined(__CUDACC__)
 #define HRM_HD __host__ __device__ __forceinline__
+#define HRM_UNROLL _Pragma("unroll")
 #else
 #define HRM_HD inline
+#define HRM_UNROLL
 #endif
 
 namespace hrmkernels {
@@ -168,12 +170,12 @@ HRM_HD FwdState<F> FwdState<F>::merge(const FwdState<F>& x, const FwdState<F>& y
 template <int K, bool kH, bool kT, class F>
 HRM_HD void fold_stream(F& m, F& s, F& h, F& t, const F (&x)[K], const F (&w)[K]) {
   F mx = x[0];
-#pragma unroll
+HRM_UNROLL
   for (int i = 1; i < K; ++i) mx = max(mx, x[i]);
   const F m_new = max(m, mx), ms = finite_or_zero(m_new);
   const F alpha = exp2(m - ms);   // 0 when m == -inf: s, h and t are 0 then
   F se = 0, he = 0, te = 0;
-#pragma unroll
+HRM_UNROLL
   for (int i = 0; i < K; ++i) {
     const F e = exp2(x[i] - ms);
     se += e;
@@ -204,7 +206,7 @@ template <int K, class F>
 HRM_HD void fwd_fold(FwdState<F>& st, const F (&z)[K], const F (&u)[K], const FwdParams<F>& p) {
   F z2[K], a2[K], b2[K], w[K];
   const F l2e = static_cast<F>(kLog2e);
-#pragma unroll
+HRM_UNROLL
   for (int i = 0; i < K; ++i) {
     z2[i] = z[i] * l2e;
     a2[i] = p.unit_t ? z2[i] : z[i] * p.ka;
