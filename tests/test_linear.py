@@ -9,6 +9,7 @@ sizes stay tiny: V = 197 is neither a power of two nor a multiple of the vocabul
 import pytest
 import torch
 
+from hrmkernels import available_backends
 from hrmkernels.linear import FusedLinearHRMLoss, fused_linear_hrm_loss
 from hrmkernels.linear_autograd import chunk_rows
 from hrmkernels.reference import hrm_loss_reference
@@ -164,9 +165,13 @@ def _check(case, fp64_as=None, **kw):
         _close(f"d {k}", g, e, tol)
 
 
+CHUNKED_BACKENDS = [b for b in ("torch", "cpu") if b in available_backends(DEVICE)]
+
+
+@pytest.mark.parametrize("backend", CHUNKED_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_linear_hrm_loss_chunked(case):
-    _check(case, impl="chunked", backend="torch")
+def test_linear_hrm_loss_chunked(case, backend):
+    _check(case, impl="chunked", backend=backend)
 
 
 @pytest.mark.parametrize("case", TRITON_CHUNKED_CASES)

@@ -14,9 +14,9 @@
 //             scalar math::grad_elem afterwards from z_y, u_y read before the pass (dz may alias
 //             z: every element is read before it is written).
 //
-// The vector body leaves the guards of masked (-inf) entries out of the forward: a block that
-// holds one turns a sum into NaN (0 * inf), and is then folded again element by element with
-// the guarded scalar math::fwd_fold, as is every row's tail of fewer than a vector's width.
+// The forward's vector body leaves out the guards of masked (-inf) entries: a block that holds
+// one turns a sum into NaN (0 * inf), and is folded again with them. A row's tail of fewer
+// than a vector's width goes through the scalar math (math::fwd_fold, math::grad_elem).
 //
 // Bytes per element (bf16 in and out): forward reads z and u (4 B; JSD 8 B); backward reads
 // them again and writes dz (6 B; 8 B with du). Per row: a label, four outputs and five stats.
@@ -157,7 +157,7 @@ int64_t grain(int64_t V) { return std::max<int64_t>(1, kGrainElements / std::max
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-// Elements [0, n) of a block, one at a time, with the guarded scalar fold.
+// Elements [0, n), one at a time, with the guarded scalar fold (a row's tail).
 template <class F>
 void fold_scalar(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdParams<F>& p) {
   for (int64_t i = 0; i < n; ++i) {
@@ -167,12 +167,22 @@ void fold_scalar(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdPa
   }
 }
 
-// Fold z[0, n), u[0, n) (n a multiple of the vector width) into st: the block's maxima first,
-// so that each element costs one exp2 per stream, then the sums in vector lanes, merged into st.
-template <class F, Div kDiv, bool kUnitT>
-void fold_block(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdParams<F>& p,
-                const Ahead& ahead) {
+// e w as math::fold_stream guards it: 0 where x = -inf (e = 0 there, w infinite or NaN), +inf
+// where w = +inf (the other distribution is 0), even where e underflows.
+template <class F>
+Vec<F> kl_term(const Vec<F>& e, const Vec<F>& x, const Vec<F>& w) {
+  const Vec<F> inf(math::inf<F>()), zero(0);
+  return Vec<F>::blendv(Vec<F>::blendv(e * w, zero, x == -inf), inf, w == inf);
+}
+
+// The state of z[0, n), u[0, n) (n a multiple of the vector width): the block's maxima first,
+// so that each element costs one exp2 per stream, then the sums in vector lanes. Without
+// kGuarded, a masked (-inf) entry turns ha, ta or tb into NaN (0 * inf).
+template <class F, Div kDiv, bool kUnitT, bool kGuarded>
+FwdState<F> block_state(const F* z, const F* u, int64_t n, const FwdParams<F>& p,
+                        const Ahead& ahead) {
   using V = Vec<F>;
+  using at::vec::fmadd;
   const F l2e = static_cast<F>(kLog2e);
   V vmz(-inf<F>()), vmu(-inf<F>());
   for (int64_t i = 0; i < n; i += V::size()) {
@@ -185,20 +195,22 @@ void fold_block(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdPar
   blk.mb = mu * p.ka;
   if (!kUnitT) blk.mz = mz * l2e;
   const V L2E(l2e), KA(p.ka), ZS(finite_or_zero(blk.mz)), AS(finite_or_zero(blk.ma)),
-      BS(finite_or_zero(blk.mb));
+      BS(finite_or_zero(blk.mb)), NEG_INF(-inf<F>()), ZERO(0);
   V sz(0), sa(0), ha(0), ta(0), sb(0), tb(0), sum_z(0);
   for (int64_t i = 0; i < n; i += V::size()) {
     ahead(i);
     const V zv = V::loadu(z + i), uv = V::loadu(u + i);
-    const V xa = at::vec::fmadd(zv, KA, -AS);
+    const V xa = fmadd(zv, KA, -AS);
     const V ea = xa.exp2();
     sa = sa + ea;
-    ha = at::vec::fmadd(ea, xa, ha);              // -inf entries: 0 * -inf = NaN, caught below
-    if (!kUnitT) sz = sz + at::vec::fmadd(zv, L2E, -ZS).exp2();
-    const V eb = at::vec::fmadd(uv, KA, -BS).exp2();
+    ha = kGuarded ? ha + V::blendv(ea * xa, ZERO, zv == NEG_INF) : fmadd(ea, xa, ha);
+    if (!kUnitT) sz = sz + fmadd(zv, L2E, -ZS).exp2();
+    const V eb = fmadd(uv, KA, -BS).exp2();
     sb = sb + eb;
-    if (kDiv == Div::kForward) tb = at::vec::fmadd(eb, uv - zv, tb);
-    if (kDiv == Div::kReverse) ta = at::vec::fmadd(ea, zv - uv, ta);
+    if (kDiv == Div::kForward)
+      tb = kGuarded ? tb + kl_term(eb, uv, uv - zv) : fmadd(eb, uv - zv, tb);
+    if (kDiv == Div::kReverse)
+      ta = kGuarded ? ta + kl_term(ea, zv, zv - uv) : fmadd(ea, zv - uv, ta);
     sum_z = sum_z + zv;
   }
   blk.sz = hsum(sz);
@@ -208,10 +220,18 @@ void fold_block(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdPar
   blk.sb = hsum(sb);
   blk.tb = hsum(tb);
   blk.sum_z = hsum(sum_z);
-  if (std::isnan(blk.ha + blk.ta + blk.tb)) {
-    fold_scalar(st, z, u, n, p);   // masked entries (or NaN logits): the guarded scalar math
-    return;
-  }
+  return blk;
+}
+
+// Fold z[0, n), u[0, n) (n a multiple of the vector width) into st. Blocks with masked
+// entries are rare, so the guards are paid only where the unguarded sums came out NaN (or on
+// NaN logits, which stay NaN).
+template <class F, Div kDiv, bool kUnitT>
+void fold_block(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdParams<F>& p,
+                const Ahead& ahead) {
+  FwdState<F> blk = block_state<F, kDiv, kUnitT, false>(z, u, n, p, ahead);
+  if (std::isnan(blk.ha + blk.ta + blk.tb))
+    blk = block_state<F, kDiv, kUnitT, true>(z, u, n, p, ahead);
   st = FwdState<F>::merge(st, blk);
 }
 
