@@ -34,7 +34,8 @@ def _log(msg):
 def _load_build_config():
     # hrmkernels/_build.py by path: importing the package would import torch and triton, and
     # triton may not be installed yet while pip builds.
-    spec = importlib.util.spec_from_file_location("hrmkernels_build", ROOT / "hrmkernels" / "_build.py")
+    path = ROOT / "hrmkernels" / "_build.py"
+    spec = importlib.util.spec_from_file_location("hrmkernels_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

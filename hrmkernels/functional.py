@@ -62,8 +62,9 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             the forward. Dense teachers only (no ``teacher_topk``, no ``process_group``).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
-        backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
-            Top-k teachers run on "triton" and "torch".
+        backend: "auto" (the fastest available for the tensors' device), "triton", "cuda",
+            "cpu" (the C++ kernels on CPU tensors), "torch". Top-k teachers run on "triton" and
+            "torch".
         return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction;
             its attribute ``entropy`` is the student's entropy H(softmax(z / T)), reduced alike.
         inplace_backward: write the student gradient into student_logits' storage (saves one

@@ -182,7 +182,8 @@ def check(backend, n=6, v=1000, dtype=torch.float32, tdtype=None, layout="2d", h
         y[..., ::3] = -100
     y = y.to(label_dtype)
     g = torch.rand(rows, device=backend) * 2 - 0.5
-    div = dict(jsd_beta=beta) if 0 < beta < 1 else dict(kl_direction=("forward", "reverse")[int(beta)])
+    div = (dict(jsd_beta=beta) if 0 < beta < 1
+           else dict(kl_direction=("forward", "reverse")[int(beta)]))
     kw = {"hrm": hrm, "temperature": t, "label_smoothing": eps, **div}
     got, dz, du = _grads(lambda *a, **k: fused_hrm_loss(*a, backend=backend, **k), zl, ul, vz, vu,
                          y, g, teacher_grad, **kw)
@@ -378,8 +379,8 @@ def test_cpu_rows_split_over_threads_give_the_same_bits():
         try:
             out = native.hrm_loss_fwd(z, u, y, 0.5, 2.0, 0.1, -100, 0.0)
             dz = torch.empty_like(z)
-            native.hrm_loss_bwd(z, u, y, out[4], torch.rand(64, generator=torch.Generator().manual_seed(1)),
-                                0.5, 2.0, 0.1, -100, 0.0, dz, None)
+            grad = torch.rand(64, generator=torch.Generator().manual_seed(1))
+            native.hrm_loss_bwd(z, u, y, out[4], grad, 0.5, 2.0, 0.1, -100, 0.0, dz, None)
         finally:
             torch.set_num_threads(threads)
         results.append((*out, dz))

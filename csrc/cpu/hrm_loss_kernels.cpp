@@ -325,6 +325,12 @@ void fwd_rows(const FwdJob<F>& job, int64_t n_rows) {
   });
 }
 
+template <class F, Div kDiv>
+void fwd_div(const FwdJob<F>& job, int64_t n) {
+  if (job.p.unit_t) fwd_rows<F, kDiv, true>(job, n);
+  else fwd_rows<F, kDiv, false>(job, n);
+}
+
 template <class F>
 void fwd_typed(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
                const Options<double>& od, const at::Tensor& loss, const at::Tensor& ce,
@@ -337,14 +343,10 @@ void fwd_typed(const at::Tensor& z, const at::Tensor& u, const at::Tensor& label
                       loss.data_ptr<F>(), ce.data_ptr<F>(), div.data_ptr<F>(),
                       entropy.data_ptr<F>(), stats.data_ptr<F>(), z.size(2)};
   const int64_t n = labels.size(0);
-  const bool unit_t = job.p.unit_t;
   switch (job.p.div) {
-    case Div::kForward:
-      return unit_t ? fwd_rows<F, Div::kForward, true>(job, n) : fwd_rows<F, Div::kForward, false>(job, n);
-    case Div::kReverse:
-      return unit_t ? fwd_rows<F, Div::kReverse, true>(job, n) : fwd_rows<F, Div::kReverse, false>(job, n);
-    case Div::kJsd:
-      return unit_t ? fwd_rows<F, Div::kJsd, true>(job, n) : fwd_rows<F, Div::kJsd, false>(job, n);
+    case Div::kForward: return fwd_div<F, Div::kForward>(job, n);
+    case Div::kReverse: return fwd_div<F, Div::kReverse>(job, n);
+    case Div::kJsd: return fwd_div<F, Div::kJsd>(job, n);
   }
 }
 
@@ -410,15 +412,15 @@ void bwd_row(const BwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, F* dzbuf, F* dub
   const int64_t V = job.V, y = load_label(job.labels, r);
   char* dzr = job.dz.row(r);
   char* dur = job.du.data != nullptr ? job.du.row(r) : nullptr;
-  if (y == job.o.ignore_index || (dur != nullptr && !kHasDiv)) {   // exact zeros
-    std::memset(dur, 0, dur != nullptr ? V * job.du.elem : 0);
-    if (y == job.o.ignore_index) {
-      std::memset(dzr, 0, V * job.dz.elem);
-      return;
-    }
+  const bool ignored = y == job.o.ignore_index;
+  if (dur != nullptr && (ignored || !kHasDiv)) std::memset(dur, 0, V * job.du.elem);  // exact 0
+  if (ignored) {   // nothing else is read
+    std::memset(dzr, 0, V * job.dz.elem);
+    return;
   }
-  const F g = job.grad_fp32 ? static_cast<F>(reinterpret_cast<const float*>(job.grad)[r * job.grad_stride])
-                            : reinterpret_cast<const F*>(job.grad)[r * job.grad_stride];
+  const int64_t gi = r * job.grad_stride;
+  const F g = job.grad_fp32 ? static_cast<F>(reinterpret_cast<const float*>(job.grad)[gi])
+                            : reinterpret_cast<const F*>(job.grad)[gi];
   const BwdRow<F> br = make_bwd_row(job.o, V, y, g, job.stats + 5 * r);
   const bool valid = y >= 0 && y < V;   // an out-of-range label is never dereferenced
   const F z_y = valid ? load_elem<F>(job.z, r, y) : F(0);   // before dz (maybe z) is written

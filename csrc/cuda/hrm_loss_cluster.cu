@@ -1,8 +1,8 @@
 // Hopper (sm_90+): forward and backward of the fused HRM loss in one kernel that keeps a whole
 // row of z and u on chip, split across a thread-block cluster. CUDA toolkit headers only.
 //
-// The KL (beta 0 or 1) only; the math is hrm_loss_math.h's. The two-kernel path reads z and u twice:
-// forward 4 B + backward 6 B = 10 B per element (bf16, no teacher gradient). Here the row's
+// The KL (beta 0 or 1) only; the math is hrm_loss_math.h's. The two-kernel path reads z and u
+// twice: forward 4 B + backward 6 B = 10 B per element (bf16, no teacher gradient). Here the row's
 // slice of each CTA stays in its shared memory between the two phases, so the kernel reads
 // z and u once and writes dz once: 6 B per element (8 B with du), the minimum. It needs each
 // row's gradient g_r before the forward has run (the caller knows it when the loss is the final

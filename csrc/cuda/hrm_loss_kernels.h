@@ -36,7 +36,8 @@ struct HrmLossFwdArgs {
   float* div;                   // (N,) out: D, the KL or JSD that beta chooses
   float* entropy;               // (N,) out: H(softmax(z / T))
   float* stats;                 // (N, 5) out, contiguous, for the backward (hrm_loss_math.h):
-                                //   lse(z), lse(z / T), lse(u / T), mu, 0 (KL) or kl_qm, kl_pm (JSD)
+                                //   lse(z), lse(z / T), lse(u / T), then mu, 0 (KL) or
+                                //   kl_qm, kl_pm (JSD)
   int64_t B, S, V;
   HrmLossOptions opt;
 };
