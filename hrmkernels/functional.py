@@ -59,7 +59,9 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             ``m = beta p + (1 - beta) q``, p the teacher's and q the student's distribution.
             As in TRL and Liger, beta = 0 is exactly KL(p || q) and beta = 1 exactly KL(q || p)
             (the formula itself tends to 0 at both ends). Costs one more read of both logits in
-            the forward. Dense teachers only (no ``teacher_topk``, no ``process_group``).
+            the forward. With ``teacher_topk``, the JSD between the two distributions over the
+            k + 1 ("rest") or k ("renormalize") outcomes. Not with ``process_group``
+            (the KLs are: jsd_beta 0 or 1).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
         backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
@@ -92,10 +94,10 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
                   jsd_beta)
     beta = divergence_beta(kl_direction, jsd_beta)
     options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta)
-    if 0 < beta < 1 and (teacher_topk is not None or process_group is not None):
-        raise ValueError("jsd_beta strictly between 0 and 1 needs dense teacher_logits on one "
-                         "device (no teacher_topk, no process_group); 0 and 1 are the KLs")
     sharded = process_group is not None or hasattr(student_logits, "to_local")   # or a DTensor
+    if 0 < beta < 1 and sharded:
+        raise ValueError("jsd_beta strictly between 0 and 1 needs the whole vocabulary on one "
+                         "device (no process_group, no DTensor logits); 0 and 1 are the KLs")
     if teacher_topk is None:
         if sharded:
             student_logits, teacher_logits, process_group, start, v_total = shard_layout(

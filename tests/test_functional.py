@@ -43,9 +43,10 @@ BAD = [
     (dict(jsd_beta=float("nan")), ValueError, "jsd_beta must not be NaN"),
     (dict(jsd_beta="0.5"), TypeError, "jsd_beta must be a Python float"),
     (dict(jsd_beta=0.5, kl_direction="reverse"), ValueError, "pass jsd_beta or kl_direction"),
-    (dict(jsd_beta=0.5, teacher_logits=None, teacher_topk=(torch.zeros(4, 2, dtype=torch.long),
-                                                           torch.zeros(4, 2))),
-     ValueError, "jsd_beta strictly between 0 and 1 needs dense teacher_logits"),
+    (dict(jsd_beta=0.5, process_group=object()), ValueError,
+     "jsd_beta strictly between 0 and 1 needs the whole vocabulary on one device"),
+    (dict(jsd_beta=0.5, student_logits=type("DTensorLike", (), {"to_local": None})()), ValueError,
+     "no process_group, no DTensor logits"),
 ]
 
 
