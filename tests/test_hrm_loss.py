@@ -328,7 +328,7 @@ def test_hrm_loss_denominator_math():
     eps=st.sampled_from([0.0, 0.1, 1.0]), hrm=st.sampled_from([0.0, 0.001, 0.5, 10.0]),
     ignore=st.sampled_from(["all", "none", "some"]), reduction=st.sampled_from(["mean", "sum", "none"]),
     teacher_grad=st.booleans(), masked=st.sampled_from([None, "random"]),
-    scale=st.sampled_from([0.1, 3.0, 30.0]))))
+    scale=st.sampled_from([0.1, 3.0, 30.0]), jsd=st.sampled_from([None, None, 0.5]))))
 def test_hrm_loss_property_random_shapes_and_options(backend, case):
     torch.manual_seed(0)    # each example draws its tensors afresh: keep it reproducible
     if case["masked"] == "random" and case["v"] < 4:

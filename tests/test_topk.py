@@ -22,7 +22,7 @@ BACKENDS = [b for b in ("torch", "triton") if b in available_backends(DEVICE)]
 BASE = dict(n=9, v=1271, k=17, dtype=torch.float32, ldtype=torch.float32, mode="rest",
             direction="forward", t=2.0, eps=0.1, hrm=0.5, ignore="some", reduction="mean",
             num_items=None, layout="2d", scale=3.0, case=None, jsd=None)
-JSD_BACKENDS = ("torch",)   # backends with a top-k JSD kernel (strictly 0 < jsd_beta < 1)
+JSD_BACKENDS = ("torch", "triton")   # backends with a top-k JSD kernel (0 < jsd_beta < 1)
 
 
 def _inputs(c):
@@ -300,7 +300,8 @@ def test_fused_hrm_loss_module_takes_a_topk_teacher():
     t=st.sampled_from([0.5, 1.0, 3.0]), eps=st.sampled_from([0.0, 0.1]),
     hrm=st.sampled_from([0.0, 0.5, 10.0]), ignore=st.sampled_from(["all", "none", "some"]),
     reduction=st.sampled_from(["mean", "sum", "none"]), scale=st.sampled_from([0.1, 3.0, 30.0]),
-    case=st.sampled_from([None, "confident student", "peaked teacher"]))))
+    case=st.sampled_from([None, "confident student", "peaked teacher"]),
+    jsd=st.sampled_from([None, None, 0.3]))))
 def test_hrm_loss_topk_property_random_shapes_and_options(backend, case):
     torch.manual_seed(0)
     case["k"] = min(case["k"], case["v"])

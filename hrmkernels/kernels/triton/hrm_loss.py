@@ -341,12 +341,6 @@ def _no_output(*args):
     return None
 
 
-def _kl_reverse(beta):
-    if beta not in (0.0, 1.0):
-        raise NotImplementedError("the Triton JSD kernels are not written yet")
-    return beta == 1.0
-
-
 def divergence_args(beta):
     """The kernels' JSD scalars (beta, log beta, log(1 - beta)) and flags REVERSE, JSD: beta = 0
     and 1 take the one-pass KL kernels (the scalars are then unused)."""
