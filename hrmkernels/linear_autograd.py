@@ -19,11 +19,12 @@ torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the he
     d x = dz W,    d W += dz^T x,    d b += sum_rows dz
 
 with dz written by the backward launcher over the chunk's own logits (in place). Precision:
-the chunk logits are fp32, the GEMM's fp32 accumulator unrounded, and so is the transform. Liger's fused linear JSD
-rounds the bf16 GEMM output to bf16 first (Liger #1432: 4-23% gradient error; a logit of 20 in
-bf16 is off by up to 0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk
-logit, which chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=),
-probed once; a torch without it falls back to bf16-rounded logits. dz is rounded once to the
+the chunk logits are fp32, the GEMM's fp32 accumulator unrounded, and so is the transform.
+Rounding the bf16 GEMM output to bf16 first costs 4-23% of gradient error (Liger #1432, fixed in
+Liger 0.8.5 the same way: an fp32-output GEMM on CUDA; a logit of 20 in bf16 is off by up to
+0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk logit, which
+chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=), probed once; a
+torch without it falls back to bf16-rounded logits. dz is rounded once to the
 weight's dtype for the two gradient GEMMs (as autograd through a bf16 lm_head would), and d W
 accumulates across chunks in fp32 (Liger #512/#827: bf16 accumulation diverges), rounded to the
 weight's dtype at the end.

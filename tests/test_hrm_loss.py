@@ -56,7 +56,8 @@ def _leaves(c):
     elif c["masked"] == "underflow":   # log-probabilities from -85 to below -104 under both
         m = torch.rand(v, device=DEVICE) < 0.4   # models: p, q subnormal or 0 in fp32 (#1453)
         for x, lo in ((zl[..., :v], 70.0), (ul[..., :v], 120.0)):
-            x[..., m] = (-85.0 - lo * torch.rand(x[..., m].shape, device=DEVICE)).to(x.dtype) * c["t"]
+            low = -85.0 - lo * torch.rand(x[..., m].shape, device=DEVICE)
+            x[..., m] = low.to(x.dtype) * c["t"]
     return zl, ul, view_z, view_u
 
 

@@ -71,6 +71,8 @@ CASES = {
     "softcap-fp32": dict(**SOFTCAP, dtype=torch.float32, teacher_grad=True),
     "softcap-bf16": dict(**SOFTCAP, dtype=torch.bfloat16, teacher_grad=True),
     "softcap-bf16-jsd-none": dict(**SOFTCAP, dtype=torch.bfloat16, jsd=0.6, reduction="none"),
+    "magnitude-1e4": dict(s_scale=4e3, t_scale=3e3, t=4.0, components=True, teacher_grad=True),
+    "magnitude-1e4-jsd": dict(s_scale=4e3, t_scale=3e3, jsd=0.5, components=True),
 }
 # Stage 2 under the interpreter: fp32 (its arithmetic), the cases that change what it computes.
 FUSED_CASES = ["base", "sum", "none", "reverse-none", "t1", "hrm0", "hrm0-components",
@@ -155,7 +157,8 @@ def _reference(c, leaves, y):
     num_items = c["num_items"]
     if num_items == "tensor":
         num_items = torch.tensor(4, device=DEVICE)
-    divergence = dict(jsd_beta=c["jsd"]) if c["jsd"] is not None else dict(kl_direction=c["direction"])
+    divergence = (dict(jsd_beta=c["jsd"]) if c["jsd"] is not None
+                  else dict(kl_direction=c["direction"]))
     out = hrm_loss_reference(z, u, y, c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
                              reduction=c["reduction"], num_items_in_batch=num_items,
                              return_components=True, **divergence)

@@ -60,7 +60,8 @@ def _inputs(c):
 
 def _run(fn, z, view, y, topk, c, g):
     z = z.detach().requires_grad_()
-    divergence = dict(jsd_beta=c["jsd"]) if c["jsd"] is not None else dict(kl_direction=c["direction"])
+    divergence = (dict(jsd_beta=c["jsd"]) if c["jsd"] is not None
+                  else dict(kl_direction=c["direction"]))
     out = fn(view(z), labels=y, hrm=c["hrm"], teacher_topk=topk, topk_mode=c["mode"],
              temperature=c["t"], label_smoothing=c["eps"], reduction=c["reduction"],
              num_items_in_batch=c["num_items"], return_components=True, **divergence)
@@ -121,7 +122,8 @@ CASES = {
     "num_items int": dict(num_items=7), "num_items tensor": dict(num_items=torch.tensor(11)),
     "magnitude 1e4": dict(scale=1e4, t=4.0),
     **{f"jsd {m} beta={b} T={t}": dict(mode=m, jsd=b, t=t)
-       for m in ("rest", "renormalize") for b in (0.0, 0.1, 0.5, 0.9, 1.0) for t in (0.5, 1.0, 2.0)},
+       for m in ("rest", "renormalize") for b in (0.0, 0.1, 0.5, 0.9, 1.0)
+       for t in (0.5, 1.0, 2.0)},
     **{f"jsd {m} {case}": dict(mode=m, jsd=0.5, case=case) for m in ("rest", "renormalize")
        for case in ("peaked teacher", "confident student", "student -inf", "teacher -inf",
                     "student -inf in top-k")},
