@@ -198,8 +198,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             ``teacher_logits=`` (..., V) to use precomputed teacher logits instead.
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
-            num_items_in_batch, return_components: as in fused_hrm_loss (impl="fused" takes the
-            KL only: jsd_beta 0 or 1).
+            num_items_in_batch, return_components: as in fused_hrm_loss.
         student_logit_scale, teacher_logit_scale: positive floats (default 1.0) multiplying each
             model's logits (Cohere's ``logit_scale``; ``1 / logits_scaling`` for HyperCLOVA X).
         student_softcap, teacher_softcap: None (default) or a positive float c: the logits become
@@ -233,12 +232,6 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                                   teacher_softcap, teacher_logits)
     beta = divergence_beta(kl_direction, jsd_beta)
-    if impl == "fused" and 0 < beta < 1:
-        raise ValueError("impl='fused' computes the KL only (jsd_beta 0 or 1); "
-                         "impl='chunked' computes the JSD")
-    if impl == "fused" and transforms != ((1.0, None), (1.0, None)):
-        raise ValueError("impl='fused' does not apply logit scales or softcaps yet; "
-                         "impl='chunked' does")
     device = student_hidden.device
     check_num_items(num_items_in_batch, device)
     v = student_weight.shape[0]
@@ -267,16 +260,15 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         # The kernels address weights by row stride and biases densely.
         heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
         heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
-        out = FusedLinearHRMFunction.apply(*heads, y, options, kernels)
+        out = FusedLinearHRMFunction.apply(*heads, y, options, transforms, kernels)
         if denom is not None:
             out = [t.sum() / denom for t in out]
-        out = [*out, None]   # the fused kernels do not compute the entropy yet
     if reduction == "none":
-        out = [t.view(labels.shape) if t is not None else None for t in out]
+        out = [t.view(labels.shape) for t in out]
     loss, ce, kl, entropy = out
     if not return_components:
         return loss
-    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach() if entropy is not None else None)
+    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach())
 
 
 class FusedLinearHRMLoss(torch.nn.Module):

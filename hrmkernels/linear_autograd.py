@@ -280,25 +280,25 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
 
 class FusedLinearHRMFunction(torch.autograd.Function):
     """Stage 2: the Triton kernels of kernels/triton/linear.py (passed in as `kernels`, so that
-    this module imports without Triton). Returns per-token (loss, ce, kl) (N,) fp32; the caller
-    reduces, and the backward recomputes the logit tiles for any grad_output."""
+    this module imports without Triton). Returns per-token (loss, ce, kl, entropy) (N,) fp32;
+    the caller reduces, and the backward recomputes the logit tiles for any grad_output."""
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, kernels):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, transforms, kernels):
         hrm, temperature, eps, ignore_index, beta, with_kl = options
-        loss, ce, kl, stats = kernels.linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm,
-                                                          temperature, eps, ignore_index,
-                                                          beta == 1.0, with_kl=with_kl)
+        loss, ce, kl, ent, stats = kernels.linear_hrm_loss_fwd(
+            xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, eps, ignore_index, beta,
+            transforms, with_kl=with_kl)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, u, labels, stats)
-        ctx.options, ctx.kernels = options, kernels
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.options, ctx.transforms, ctx.kernels = options, transforms, kernels
+        ctx.mark_non_differentiable(ce, kl, ent)
+        return loss, ce, kl, ent
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_ent):
         *heads, labels, stats = ctx.saved_tensors
         hrm, temperature, eps, ignore_index, beta, _ = ctx.options
         grads = ctx.kernels.linear_hrm_loss_bwd(*heads, labels, stats, grad_loss.reshape(-1),
-                                                hrm, temperature, eps, ignore_index, beta == 1.0,
-                                                ctx.needs_input_grad[:7])
-        return (*grads, *(None,) * 3)
+                                                hrm, temperature, eps, ignore_index, beta,
+                                                ctx.transforms, ctx.needs_input_grad[:7])
+        return (*grads, *(None,) * 4)
