@@ -106,7 +106,7 @@ def run_check(ctx, stage, name, fn, need="check"):
             rec.update(status="error", reason=f"{type(e).__name__}: {e}"[:1000],
                        traceback=traceback.format_exc()[-2000:])
     if ctx.device.type == "cuda":   # the check's tensors are gone: give their memory back
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()   # sync-ok: a script, on no loss path
         torch.cuda.empty_cache()
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     stage["checks"].append(rec)
