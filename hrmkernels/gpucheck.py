@@ -355,6 +355,7 @@ def stage_benchmark(ctx, stage):
                           commit=res["provenance"]["commit"], argv=ctx.argv)
             estimate = max(estimate, time.perf_counter() - t0)
             res["providers"] = res["providers"] or one["providers"]
+            res["copy_gbps"] = res["copy_gbps"] or one["copy_gbps"]   # a rerun without stage 1
             res["results"] += one["results"]
             res["runs"] += one["runs"]
             # A peer's failure (the eager reference's OOM, say) is news, not a failed check.
