@@ -12,7 +12,7 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
                                 check_options, divergence_beta)
-from hrmkernels.functional import HRMLoss, mean_denominator
+from hrmkernels.functional import HRMLoss, mean_denominator, shift_for_next_token
 from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
 
 IMPLS = ("chunked", "fused")
@@ -179,7 +179,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
                           label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
-                          num_items_in_batch=None, student_logit_scale=1.0,
+                          num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
                           impl="chunked", chunk_budget_bytes=None):
@@ -199,6 +199,9 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
             num_items_in_batch, return_components: as in fused_hrm_loss.
+        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels and uses
+            the hidden states (and teacher logits) of positions [..., :-1, :] against
+            labels[..., 1:].
         student_logit_scale, teacher_logit_scale: positive floats (default 1.0) multiplying each
             model's logits (Cohere's ``logit_scale``; ``1 / logits_scaling`` for HyperCLOVA X).
         student_softcap, teacher_softcap: None (default) or a positive float c: the logits become
@@ -227,13 +230,16 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta)
+                  jsd_beta, shift_labels)
+    if shift_labels:
+        labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
+            labels, student_hidden, teacher_hidden, teacher_logits)
     check_linear_options(impl, chunk_budget_bytes, backend)
     transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                                   teacher_softcap, teacher_logits)
     beta = divergence_beta(kl_direction, jsd_beta)
     device = student_hidden.device
-    check_num_items(num_items_in_batch, device)
+    check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
     if teacher_logits is None:
@@ -282,20 +288,20 @@ class FusedLinearHRMLoss(torch.nn.Module):
     """
 
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
+                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
                  teacher_softcap=None, backend="auto", return_components=False, impl="chunked",
                  chunk_budget_bytes=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-                      backend, jsd_beta)
+                      backend, jsd_beta, shift_labels)
         check_linear_options(impl, chunk_budget_bytes, backend)
         logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                          teacher_softcap)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
                             kl_direction=kl_direction, jsd_beta=jsd_beta,
-                            student_logit_scale=student_logit_scale,
+                            shift_labels=shift_labels, student_logit_scale=student_logit_scale,
                             teacher_logit_scale=teacher_logit_scale,
                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                             backend=backend, return_components=return_components, impl=impl,
