@@ -62,8 +62,10 @@ def _transform_grad(f, scale, cap, CAP: tl.constexpr):
     """d f / d x of the logit transform, from its output f: scale (1 - (f / cap)^2), or scale."""
     if CAP:
         t = f / cap
-        return scale * (1.0 - t * t)
-    return scale
+        d = scale * (1.0 - t * t)
+    else:
+        d = scale
+    return d
 
 
 @triton.jit
@@ -91,8 +93,10 @@ def _logits_tile(x_ptr, x_stride, w_ptr, w_stride, b_ptr, rows, cols, row_mask, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if CAP:
-        return cap * _tanh(acc * (scale / cap))
-    return acc * scale
+        acc = cap * _tanh(acc * (scale / cap))
+    else:
+        acc = acc * scale
+    return acc
 
 
 @triton.jit
@@ -103,11 +107,13 @@ def _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride,
                   BLOCK_K: tl.constexpr):
     """The teacher's fp32 logit tile: read from u (used as given), or formed like the student's."""
     if TEACHER_LOGITS:
-        return tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :],
-                       mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols, row_mask,
-                        col_mask, Ht, scale, cap, HAS_BT, T_CAP, DOT_F32_T, PREC_T,
-                        BLOCK_N, BLOCK_V, BLOCK_K)
+        u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols, row_mask,
+                         col_mask, Ht, scale, cap, HAS_BT, T_CAP, DOT_F32_T, PREC_T,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+    return u
 
 
 @triton.jit
