@@ -78,6 +78,10 @@ def _worker(rank, world, port, backend):
                 torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6,
                                            msg=lambda m: f"{backend} {name} {what}: {m}")
         _check_dtensor(world, backend)
+        # Every rank is done with its collectives before any tears gloo down: a rank destroying
+        # the group while another still uses it aborts (SIGABRT, "terminate called without an
+        # active exception"), a flake seen under load.
+        dist.barrier()
     except Exception:
         traceback.print_exc()
         raise
