@@ -27,13 +27,14 @@ PROVIDERS = {
     "triton-inplace": 'fused_hrm_loss(backend="triton", inplace_backward=True)',
     "cuda": 'fused_hrm_loss(backend="cuda")',
     "cpu": 'fused_hrm_loss(backend="cpu")',
+    "cpu-inplace": 'fused_hrm_loss(backend="cpu", inplace_backward=True)',
 }
 # Cut Cross-Entropy is left out: it fuses the lm-head matmul (its inputs are hidden states and
 # the classifier weight, not logits) and has no teacher term, so its work is not this problem's.
 
 MODES = ("fwd", "fwd+bwd")
 BACKEND_OF = {"torch": "torch", "triton": "triton", "triton-inplace": "triton", "cuda": "cuda",
-              "cpu": "cpu"}
+              "cpu": "cpu", "cpu-inplace": "cpu"}
 
 
 def bytes_moved(mode, n, v, elem_size):
@@ -92,7 +93,7 @@ def loss_fn(name, hrm, temperature):
     if name.startswith("liger"):
         return _liger_loss(name.split("-")[1], hrm, temperature)
     return functools.partial(fused_hrm_loss, hrm=hrm, temperature=temperature,
-                             backend=BACKEND_OF[name], inplace_backward=name == "triton-inplace")
+                             backend=BACKEND_OF[name], inplace_backward=name.endswith("-inplace"))
 
 
 def _liger_loss(kl_kind, hrm, temperature):

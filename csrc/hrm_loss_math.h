@@ -28,6 +28,10 @@
 //   du = g c p ((b - a) - mu)  forward,   g c (p - q)  reverse,   g c beta p (lp - lm - kl_pm)  JSD
 // The KL's log-sum-exps cancel from log p - log q - KL = (b - a) - mu, so the forward saves mu
 // rather than KL: at logits of magnitude 1e4 the lse's would cost three digits in fp32.
+// The JSD's: with dq_v / da_j = q_v ([v == j] - q_j) and dm_v = (1 - beta) dq_v, the terms of
+// d/da_j through log m add up to -sum_v (beta p_v + (1 - beta) q_v) / m_v dm_v = -sum_v dm_v = 0,
+// so only (1 - beta) sum_v dq_v (lq_v - lm_v) is left: (1 - beta) q_j (lq_j - lm_j - kl_qm),
+// and by symmetry beta p_j (lp_j - lm_j - kl_pm) for u (times 1/T for a = z / T, b = u / T).
 // Saved per row, stats[5] = (lse_z, lse_a, lse_b, mu, 0) for the KL, (lse_z, lse_a, lse_b,
 // kl_qm, kl_pm) for the JSD; 0 at ignored rows.
 #pragma once
