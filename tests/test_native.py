@@ -389,6 +389,16 @@ def test_cpu_rows_split_over_threads_give_the_same_bits():
     check("cpu", n=64, v=1000)
 
 
+def test_cpu_peaked_rows_flush_denormals_and_restore_the_mode():
+    # Logits of scale 30: most probabilities are denormal in fp32; the kernels flush them (as
+    # the GPU's ex2.approx.ftz does) and leave the calling thread's floating-point mode as it was.
+    if WHY["cpu"] is not None:
+        pytest.skip(WHY["cpu"])
+    check("cpu", n=8, v=3000, scale=30.0, t=1.0)
+    tiny = torch.tensor([1e-39]) * 1.0            # a float32 denormal survives a multiply
+    assert tiny.item() != 0.0
+
+
 def test_cpu_binding_errors_name_the_problem():
     if WHY["cpu"] is not None:
         pytest.skip(WHY["cpu"])
