@@ -36,6 +36,8 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         student_logits: (..., V) float32/bfloat16/float16, any strides with a unit last stride.
         teacher_logits: (..., V) same leading shape and V; gets a gradient only if it requires one.
             A padded teacher vocabulary is passed as the view ``teacher_logits[..., :V]``.
+            None with hrm=0 (and no teacher_topk): the fused cross-entropy alone; the reported
+            divergence is 0 (the forward spends one more exp per element on it, no memory).
         labels: (...) int64 or int32, the label of each position, i.e. already shifted as the
             next token (``labels[..., i]`` is what ``logits[..., i, :]`` predicts); ``ignore_index``
             marks tokens that contribute nothing. See ``shift_labels`` for Hugging Face labels.
@@ -102,9 +104,17 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         raise TypeError("fused_hrm_loss() is missing labels")
     if hrm is None:
         raise TypeError("fused_hrm_loss() is missing hrm (the weight of the KL term)")
-    if (teacher_logits is None) == (teacher_topk is None):
-        raise TypeError("fused_hrm_loss() needs exactly one teacher: teacher_logits or "
-                        "teacher_topk")
+    if teacher_logits is not None and teacher_topk is not None:
+        raise TypeError("fused_hrm_loss() takes one teacher: teacher_logits or teacher_topk")
+    if teacher_logits is None and teacher_topk is None:
+        if isinstance(hrm, (int, float)) and hrm != 0:
+            raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but neither "
+                             "teacher_logits nor teacher_topk was given (hrm=0 without a teacher "
+                             "is the fused cross-entropy)")
+        # The fused cross-entropy: the student's own logits stand in for the teacher (the same
+        # memory, no second tensor; D = 0 exactly, and the backward never reads them at hrm = 0).
+        teacher_logits = student_logits.detach() if isinstance(student_logits,
+                                                               torch.Tensor) else student_logits
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta, shift_labels)
     if shift_labels:

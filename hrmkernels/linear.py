@@ -93,6 +93,8 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
         if teacher_logits.shape[:-1] != lead:
             raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} "
                              f"must equal student_hidden leading shape {tuple(lead)}")
+    elif teacher_hidden is None and teacher_weight is None and teacher_bias is None:
+        pass   # no teacher: the fused cross-entropy (fused_linear_hrm_loss checks hrm == 0)
     elif teacher_hidden is None or teacher_weight is None:
         missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
         raise ValueError(f"{missing} is None: pass teacher_hidden and teacher_weight, or "
@@ -195,7 +197,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         teacher_hidden: (..., Ht), same leading shape (Ht may differ from Hs);
             teacher_weight: (V, Ht), the same V (a padded teacher vocabulary is passed as the
             view ``teacher_weight[:V]``); teacher_bias: (V,). Pass both as None and
-            ``teacher_logits=`` (..., V) to use precomputed teacher logits instead.
+            ``teacher_logits=`` (..., V) to use precomputed teacher logits instead, or no teacher
+            at all with hrm=0: the fused linear cross-entropy (the reported divergence is 0).
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
             num_items_in_batch, return_components: as in fused_hrm_loss.
@@ -231,6 +234,11 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                         teacher_weight, teacher_bias, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta, shift_labels)
+    teacherless = teacher_hidden is None and teacher_logits is None
+    if teacherless and hrm != 0:
+        raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
+                         "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
+                         "without a teacher is the fused linear cross-entropy)")
     if shift_labels:
         labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
             labels, student_hidden, teacher_hidden, teacher_logits)
@@ -242,14 +250,17 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
-    if teacher_logits is None:
+    if teacherless:
+        heads += [None, None, None, None]
+    elif teacher_logits is None:
         heads += [_rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
                   None]
     else:
         heads += [None, None, None, _rows(teacher_logits, v)]
     y = labels.reshape(-1).contiguous()   # the kernels read labels densely
+    # with_kl: report the divergence even at hrm == 0 (needs the teacher; 0 without one)
     options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta,
-               bool(return_components))
+               bool(return_components) and not teacherless)
     denom = None
     if reduction == "mean":
         denom = mean_denominator(labels, ignore_index, num_items_in_batch)

@@ -101,7 +101,7 @@ def chunk_rows(n, v, budget, xs, ws, xt, u, teacher_grad, softcap_grad=False):
     """
     row = v * acc_dtype(xs.dtype).itemsize * (2 if softcap_grad else 1)
     row += v * ws.element_size() if ws.dtype != acc_dtype(ws.dtype) else 0
-    if u is None:
+    if u is None and xt is not None:   # teacher logits computed here (none without a teacher)
         t = acc_dtype(xt.dtype).itemsize
         row += v * t * (2 if teacher_grad else 1) + (v * xt.element_size() if teacher_grad else 0)
     rows = max(1, min(n, budget // row))
