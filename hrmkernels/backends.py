@@ -1,8 +1,9 @@
 """The one place that chooses an implementation: backend name + device -> launcher module.
 
 Each backend module exposes the same two launchers, ``hrm_loss_fwd`` and ``hrm_loss_bwd``
-(see kernels/triton/hrm_loss.py for their contract); for top-k teachers, ``hrm_loss_topk_fwd``
-and ``hrm_loss_topk_bwd`` (kernels/triton/topk.py), which the torch and Triton backends have.
+(their contract: kernels/__init__.py); for top-k teachers, ``hrm_loss_topk_fwd`` and
+``hrm_loss_topk_bwd``, which the torch and Triton backends have. "cpu" and "cuda" are one
+module, kernels/native.py (the C++ ops dispatch on the tensors' device).
 """
 import torch
 

@@ -1,5 +1,5 @@
-// The CPU kernels of the fused HRM loss (hrm_loss_kernels.cpp), called by the binding
-// (hrm_loss_cpu.cpp) with checked tensors. Math: csrc/hrm_loss_math.h.
+// The CPU kernels of the fused HRM loss (hrm_loss_fwd.cpp, hrm_loss_bwd.cpp), called by the
+// binding (hrm_loss_cpu.cpp) with checked tensors. Math: csrc/hrm_loss_math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
