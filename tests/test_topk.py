@@ -129,7 +129,8 @@ def test_hrm_loss_topk_matches_reference(backend, case):
 def test_hrm_loss_topk_multi_block_and_chunk_paths(backend, monkeypatch):
     # Several vocabulary blocks (Triton) and row chunks (torch): the sorted ids' runs per block,
     # a block holding many of them, and blocks holding none.
-    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)   # on a GPU
+    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 64)
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 2000)
     for mode in ("rest", "renormalize"):
         for direction in ("forward", "reverse"):

@@ -283,7 +283,7 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
                 lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, stats,
                 z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
                 REVERSE=reverse, REST=not renormalize, SMOOTH=label_smoothing > 0,
-                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v),
+                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v, z.device, z.element_size()),
                 BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
     return loss, ce, kl, stats
 
@@ -295,7 +295,7 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
     if not n:
         return
-    block = _block_v(v)
+    block = _block_v(v, z.device, z.element_size())
     with _device_of(z):
         wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
