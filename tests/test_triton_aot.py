@@ -259,8 +259,8 @@ KL_MODES = (dict(reverse=False, beta=0.0), dict(reverse=True, beta=1.0))
 
 def dense_cases():
     """hrm_loss fwd and bwd: every option combination at bf16 and fp32, V = 128256; every
-    (student, teacher) dtype pair at V = 50257 (rows not 16-byte aligned); a small V (BLOCK_V
-    1024) with int32 labels. No spills, whatever the shape."""
+    (student, teacher) dtype pair at V = 50257 (rows not 16-byte aligned), and fp64; small V
+    (BLOCK_V 1024 with int32 labels; V = 1). No spills, whatever the shape."""
     from hrmkernels.kernels.triton.hrm_loss import hrm_loss_bwd, hrm_loss_fwd
     cases = []
 
@@ -291,7 +291,9 @@ def dense_cases():
     add(128256, BF16, BF16, KL_MODES[0], 2.0, 0.1, scalar_grad=False, fwd=False)   # "none"
     for zt, ut in itertools.product((F32, BF16, F16), repeat=2):
         add(50257, zt, ut, KL_MODES[1], 2.0, 0.1, du=True)
+    add(50257, F64, F64, KL_MODES[1], 2.0, 0.1, du=True)   # fp64 logits: BLOCK_V 1024
     add(1000, BF16, BF16, KL_MODES[1], 2.0, 0.1, du=True, labels=torch.int32)
+    add(1, BF16, BF16, KL_MODES[0], 2.0, 0.1, du=True)        # V = 1 is a constexpr
     return cases
 
 
