@@ -180,8 +180,8 @@ def _worker():
         out.flush()
 
 
-def compile_all(specs, jobs=len(os.sched_getaffinity(0))):
-    """Compile specs in `jobs` worker processes (one per core); the results, in order.
+def compile_all(specs, jobs=None):
+    """Compile specs in `jobs` worker processes (default: one per core); the results, in order.
 
     The workers import this checkout's kernels with TRITON_INTERPRET=0 and the Triton this
     process has (PYTHONPATH is passed on). A worker that dies fails its spec and is replaced.
@@ -215,7 +215,9 @@ def compile_all(specs, jobs=len(os.sched_getaffinity(0))):
         proc.stdin.close()
         proc.wait()
 
-    threads = [threading.Thread(target=drive) for _ in range(jobs)]
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = [threading.Thread(target=drive) for _ in range(jobs or 1)]
     for t in threads:
         t.start()
     for t in threads:
@@ -459,8 +461,6 @@ def run(targets=tuple(SHARED_LIMIT)):
 
 
 TRITON36 = ROOT / ".triton-3.6"   # pip install --no-deps --target .triton-3.6 triton==3.6.0
-
-
 TRITON36_TARGETS = (80, 86, 90)   # the GPU machine's H200; Blackwell wants a newer Triton
 
 
