@@ -218,7 +218,10 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             since the chunk logits are always overwritten by their gradient.
         impl: "chunked" (default, any device: torch GEMMs on token chunks with the fused loss
             launchers) or "fused" (Triton; logit tiles stay on chip, nothing N x V is written).
-            "chunked" stays the default until a GPU benchmark shows "fused" is faster.
+            "chunked" stays the default until a GPU benchmark shows "fused" is faster. "fused"
+            is for bf16/fp16 heads, or fp32 at matmul precision "medium" (tf32): fp32 at "high"
+            or "highest" and fp64 heads (multiplied in fp32) run there with small tiles, slowly;
+            "chunked" keeps fp64 and uses cuBLAS.
         chunk_budget_bytes: upper bound on impl="chunked"'s per-chunk temporaries (default
             1 GiB). The fp32 weight-gradient accumulator (V x H x 4 bytes) comes on top.
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hrmkernels import FusedHRMLoss, available_backends, fused_hrm_loss
 from hrmkernels.kernels import pytorch as torch_impl
 from hrmkernels.kernels.triton import hrm_loss as triton_kernels
+from hrmkernels.kernels.triton import topk as topk_kernels
 from hrmkernels.reference import hrm_loss_reference, hrm_loss_topk_reference
 
 BACKENDS = [b for b in ("torch", "triton") if b in available_backends(DEVICE)]
@@ -33,6 +34,8 @@ def _inputs(c):
     u = torch.randn(*lead, v, device=DEVICE) * c["scale"]
     if c["case"] == "peaked teacher":          # P ~ 1e-9: the rest mass must not round to 0
         u[..., min(5, v - 1)] += 25.0
+    elif c["case"] == "clustered teacher":     # the top-k are ids 100 .. 100 + k - 1
+        u[..., 100:100 + k] += 30.0
     lp, idx = torch.log_softmax(u / c["t"], -1).topk(k, -1)
     perm = torch.randperm(k, device=DEVICE)    # ids in no particular order
     lp, idx = lp[..., perm], idx[..., perm]
@@ -149,7 +152,8 @@ def test_hrm_loss_topk_matches_reference(backend, case):
 def test_hrm_loss_topk_multi_block_and_chunk_paths(backend, monkeypatch):
     # Several vocabulary blocks (Triton) and row chunks (torch): the sorted ids' runs per block,
     # a block holding many of them, and blocks holding none.
-    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)   # on a GPU
+    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 64)
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 2000)
     for mode in ("rest", "renormalize"):
         for direction in ("forward", "reverse"):
@@ -206,12 +210,12 @@ def test_hrm_loss_topk_infinite_kl_is_the_true_value(backend):
     assert torch.isinf(out.kl).all() and torch.isinf(ref[2]).all() and torch.isfinite(out.ce).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hrm_loss_topk_inplace_backward(backend):
-    z = torch.randn(2, 6, 333, device=DEVICE)
-    lp, idx = torch.log_softmax(torch.randn(2, 5, 333, device=DEVICE), -1).topk(8, -1)
-    y = torch.randint(0, 333, (2, 5), device=DEVICE)
-    kw = dict(labels=y, hrm=0.5, teacher_topk=(idx, lp), backend=backend, temperature=2.0)
+def check_inplace_backward(backend, v=333, k=8, **options):
+    z = torch.randn(2, 6, v, device=DEVICE)
+    lp, idx = torch.log_softmax(torch.randn(2, 5, v, device=DEVICE), -1).topk(k, -1)
+    y = torch.randint(0, v, (2, 5), device=DEVICE)
+    kw = dict(labels=y, hrm=0.5, teacher_topk=(idx, lp), backend=backend, temperature=2.0,
+              **options)
     zl = z.clone().requires_grad_()
     (expected,) = torch.autograd.grad(fused_hrm_loss(zl[:, :-1], **kw), zl)
     buf = z.clone().requires_grad_() * 1.0   # a non-leaf whose storage the backward may overwrite
@@ -219,6 +223,32 @@ def test_hrm_loss_topk_inplace_backward(backend):
     torch.testing.assert_close(dz, expected)
     torch.testing.assert_close(buf.detach()[:, :-1], expected[:, :-1])   # written in place
     torch.testing.assert_close(buf.detach()[:, -1], z[:, -1])             # and nowhere else
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hrm_loss_topk_inplace_backward(backend):
+    check_inplace_backward(backend)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not available")
+@pytest.mark.parametrize("mode", ["rest", "renormalize"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_hrm_loss_topk_k_in_steps(mode, direction, monkeypatch):
+    # The Triton kernels walk the top-k in steps of MAX_BLOCK_K: here k = 40 ids in steps of 16
+    # (the last one partial), spread over 8 vocabulary blocks of 64, or clustered (28 of them
+    # in one block: its members take two steps to count). A peaked teacher checks that P ~ 1e-9
+    # survives the fold across steps; in place, that the backward's top-k values come from the
+    # registers, not from the already overwritten logits.
+    monkeypatch.setattr(topk_kernels, "MAX_BLOCK_K", 16)
+    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)   # on a GPU
+    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 64)
+    divergence = dict(jsd=0.4) if direction == "jsd" else dict(direction=direction)
+    for case in (None, "clustered teacher", "peaked teacher"):
+        check("triton", v=500, k=40, n=4, layout="shifted", mode=mode, case=case, **divergence)
+    check("triton", v=500, k=40, n=4, mode=mode, t=1.0, eps=0.0, **divergence)
+    check_inplace_backward("triton", v=500, k=40, topk_mode=mode,
+                           **(dict(jsd_beta=0.4) if direction == "jsd" else
+                              dict(kl_direction=direction)))
 
 
 def test_hrm_loss_topk_ids_out_of_range():

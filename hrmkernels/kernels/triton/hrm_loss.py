@@ -69,9 +69,12 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Widest vocabulary block a program loads at once. The interpreter pays per operation, not per
-# element, so it runs fastest with wide blocks; 16384 still splits V=32003 into several blocks.
-MAX_BLOCK_V = 16384 if INTERPRETED else 4096
+# Widest vocabulary block a program loads at once. On a GPU, MAX_BLOCK_V 2-byte logits: 32 bytes
+# of each input per thread of 8 warps (wider fp32 blocks spill on sm_86), so half as many
+# fp32 and a quarter as many fp64 logits. The interpreter pays per operation, not per
+# element, so it runs fastest with wide blocks (16384 still splits V=32003 into several).
+MAX_BLOCK_V = 4096
+INTERPRETER_BLOCK_V = 16384
 
 
 @triton.jit
@@ -300,9 +303,21 @@ def _hrm_loss_bwd_kernel(
     tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(v):
+def _block_v(v, device, itemsize):
+    """Vocabulary block for rows of V logits of `itemsize` bytes (the widest input) on device."""
+    cap = INTERPRETER_BLOCK_V if launch_target(device) is None else MAX_BLOCK_V * 2 // itemsize
     # int(): under torch.compile's dynamic shapes V is a SymInt; the block size specialises on it
-    return min(triton.next_power_of_2(int(v)), MAX_BLOCK_V)
+    return min(triton.next_power_of_2(int(v)), max(cap, 1))
+
+
+def launch_target(device):
+    """The GPU the launchers choose tiles for: its compute capability as Triton names targets
+    (80, 86, 90, ...), or None under the interpreter. tests/test_triton_aot.py answers it with
+    each target it compiles for."""
+    if INTERPRETED or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _device_of(x):
@@ -363,7 +378,9 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
                 loss, ce, kl, ent, stats, z.shape[1], v, hrm, 1.0 / temperature,
                 label_smoothing, ignore_index, *scalars, SMOOTH=label_smoothing > 0,
-                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v), num_warps=8, **flags)
+                UNIT_T=temperature == 1.0,
+                BLOCK_V=_block_v(v, z.device, max(z.element_size(), u.element_size())),
+                num_warps=8, **flags)
     return loss, ce, kl, ent, stats
 
 
@@ -374,7 +391,7 @@ def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: 
     n, v = labels.shape[0], z.shape[-1]
     if not n:
         return
-    block = _block_v(v)
+    block = _block_v(v, z.device, max(z.element_size(), u.element_size()))
     write_du = du is not None
     du = du if write_du else dz
     scalars, flags = divergence_args(beta)

@@ -27,18 +27,46 @@ tile whose |dz| < eps) would drop the distillation term: there is no filtering h
 fp32 operands use the precision torch would (torch.get_float32_matmul_precision(): "highest" is
 IEEE fp32, the default; "high"/"medium" allow TF32), so the float64 comparison holds for fp32.
 Everything runs in fp32: float64 inputs are rounded to fp32 tiles (use impl="chunked" for fp64).
+Tiles, warps and pipeline stages depend on those operands (CONFIGS below): fp32 at "high" or
+"highest" and fp64 take small tiles and are slow; impl="chunked" suits them better.
 """
 import torch
 import triton
 import triton.language as tl
 
-from hrmkernels.kernels.triton.hrm_loss import (INTERPRETED, _device_of, _log_mix,
-                                                divergence_args)
+from hrmkernels.kernels.triton.hrm_loss import (_device_of, _log_mix, divergence_args,
+                                                launch_target)
 
-# Tiles. The interpreter pays per operation, so it gets the smallest legal dot tiles (tests
-# use N <= 16, H <= 32); the GPU values are a first guess that needs tuning on a GPU.
-BLOCK_N, BLOCK_V, BLOCK_K = (16, 64, 32) if INTERPRETED else (64, 128, 64)
-NUM_WARPS = 8
+
+# Launch configurations (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel and kind
+# of dot, chosen with tests/test_triton_aot.py: every specialisation fits the smallest block of
+# sm_80, sm_86, sm_90, sm_100 (sm_86: 99 KB of shared memory) and, with bf16/fp16 or tf32
+# dots, spills no register, with a margin for more flags. Speed is untuned (that needs a GPU).
+#   "16":   bf16/fp16 operands. The backward also holds the head-gradient dots' operands and
+#           results: half the BLOCK_K.
+#   "tf32": fp32 operands at matmul precision "medium" (one tf32 product): 4-byte operands,
+#           half the BLOCK_K for the same shared memory.
+#   "wide": fp32 at "high" (tf32x3: three products of split operands) or "highest" (IEEE fp32
+#           on FMA units, no tensor cores), and fp64 (tiles read in fp64, multiplied in fp32):
+#           about twice the registers per product, so half the tile and a quarter of BLOCK_K.
+CONFIGS = {
+    ("fwd", "16"): (64, 64, 64, 8, 3), ("bwd", "16"): (64, 64, 32, 8, 2),
+    ("fwd", "tf32"): (64, 64, 32, 8, 3), ("bwd", "tf32"): (64, 64, 32, 8, 3),
+    ("fwd", "wide"): (32, 64, 16, 8, 2), ("bwd", "wide"): (32, 64, 16, 8, 2),
+}
+
+
+def _config(kind, dots, target):
+    """Launch configuration of kernel `kind` ("fwd", "bwd") on `target` (None: the interpreter)
+    for the heads' dots [(dtype, input_precision)], as keywords of the launch."""
+    if target is None:   # the interpreter pays per operation: the smallest legal dot tiles
+        tiles = (16, 64, 32, 8, 1)
+    else:
+        wide = any(d == torch.float64 or p in ("ieee", "tf32x3") for d, p in dots)
+        tf32 = any(d == torch.float32 for d, _ in dots)
+        tiles = CONFIGS[kind, "wide" if wide else "tf32" if tf32 else "16"]
+    return dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages"), tiles))
+
 
 # The backward's S_GRADS / T_GRADS constexprs are bit masks of the gradients to form for the
 # student / teacher head: 1 d hidden, 2 d weight, 4 d bias, 8 d teacher logits.
@@ -66,6 +94,18 @@ def _transform_grad(f, scale, cap, CAP: tl.constexpr):
     else:
         d = scale
     return d
+
+
+@triton.jit
+def _aligned(h, x_stride, w_stride, ALIGN: tl.constexpr):
+    """h and the row strides of x (N, h) and w (V, h), which ALIGN divides (the launcher checks),
+    as values Triton knows ALIGN divides.
+
+    Triton learns only divisibility by 16 from the arguments: at h = 1000 it would load rows
+    element by element (and spill the registers that takes), not 16 bytes at a time. (A
+    tl.multiple_of hint on an argument is dropped; n // ALIGN * ALIGN = n carries it.)
+    """
+    return h // ALIGN * ALIGN, x_stride // ALIGN * ALIGN, w_stride // ALIGN * ALIGN
 
 
 @triton.jit
@@ -168,8 +208,11 @@ def _linear_hrm_loss_fwd_kernel(
     SMOOTH: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    ALIGN_S: tl.constexpr, ALIGN_T: tl.constexpr,   # divide Hs, Ht and the heads' row strides
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    Hs, xs_stride, ws_stride = _aligned(Hs, xs_stride, ws_stride, ALIGN_S)
+    Ht, xt_stride, wt_stride = _aligned(Ht, xt_stride, wt_stride, ALIGN_T)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -238,8 +281,11 @@ def _linear_hrm_loss_jsd_kernel(
     TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    ALIGN_S: tl.constexpr, ALIGN_T: tl.constexpr,   # divide Hs, Ht and the heads' row strides
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    Hs, xs_stride, ws_stride = _aligned(Hs, xs_stride, ws_stride, ALIGN_S)
+    Ht, xt_stride, wt_stride = _aligned(Ht, xt_stride, wt_stride, ALIGN_T)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -370,8 +416,11 @@ def _linear_hrm_loss_bwd_kernel(
     TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    ALIGN_S: tl.constexpr, ALIGN_T: tl.constexpr,   # divide Hs, Ht and the heads' row strides
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    Hs, xs_stride, ws_stride = _aligned(Hs, xs_stride, ws_stride, ALIGN_S)
+    Ht, xt_stride, wt_stride = _aligned(Ht, xt_stride, wt_stride, ALIGN_T)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask, col_mask = rows < N, cols < V
@@ -430,24 +479,33 @@ def _linear_hrm_loss_bwd_kernel(
                                col_mask, Hs, S_GRADS, DOT_F32_S, PREC_S, BLOCK_K)
 
 
-def _dot_options(dtype):
+def _dot_options(dtype, target):
     """(DOT_F32, PRECISION) for tiles of `dtype`: fp32 tiles follow torch's fp32 matmul setting."""
-    dot_f32 = dtype == torch.float64 or (INTERPRETED and dtype == torch.bfloat16)
+    dot_f32 = dtype == torch.float64 or (target is None and dtype == torch.bfloat16)
     if not (dot_f32 or dtype == torch.float32):
         return False, None
     return dot_f32, {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(),
                                                                "tf32")
 
 
-def _common(xs, ws, bs, xt, wt, bt, u, transforms):
-    """Arguments and constexprs the launchers share: the heads, the teacher logits, and the
-    tiles' flags; transforms ((scale, softcap), (scale, softcap)) as in linear_autograd.py."""
+def _align(*sizes):
+    """The largest power of two up to 16 that divides every size."""
+    return next(a for a in (16, 8, 4, 2, 1) if all(int(s) % a == 0 for s in sizes))
+
+
+def _common(kind, xs, ws, bs, xt, wt, bt, u, transforms):
+    """Arguments, constexprs and launch options the launchers of kernel `kind` ("fwd", "bwd")
+    share: the heads, the teacher logits, and the tiles' flags; transforms ((scale, softcap),
+    (scale, softcap)) as in linear_autograd.py."""
     teacher_logits = u is not None
     student = (xs, xs.stride(0), ws, ws.stride(0), bs if bs is not None else ws)
     teacher = (xt, xt.stride(0), wt, wt.stride(0), bt if bt is not None else wt) \
         if xt is not None else student   # dummies: TEACHER_LOGITS never reads them
-    dot_s = _dot_options(xs.dtype)
-    dot_t = _dot_options(xt.dtype) if xt is not None else dot_s
+    target = launch_target(xs.device)
+    dot_s = _dot_options(xs.dtype, target)
+    dot_t = _dot_options(xt.dtype, target) if xt is not None else dot_s
+    dots = [(xs.dtype, dot_s[1])] + ([(xt.dtype, dot_t[1])] if xt is not None else [])
+    align_t = _align(xt.shape[1], xt.stride(0), wt.stride(0)) if xt is not None else 1
     u_args = (u, u.stride(0)) if teacher_logits else (xs, 0)
     ht = xt.shape[1] if xt is not None else 0
     (s_scale, s_cap), (t_scale, t_cap) = transforms
@@ -455,17 +513,18 @@ def _common(xs, ws, bs, xt, wt, bt, u, transforms):
     flags = dict(TEACHER_LOGITS=teacher_logits, HAS_BS=bs is not None, HAS_BT=bt is not None,
                  S_CAP=s_cap is not None, T_CAP=t_cap is not None,
                  DOT_F32_S=dot_s[0], DOT_F32_T=dot_t[0], PREC_S=dot_s[1], PREC_T=dot_t[1],
-                 BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+                 ALIGN_S=_align(xs.shape[1], xs.stride(0), ws.stride(0)), ALIGN_T=align_t,
+                 **_config(kind, dots, target))
     return (*student, *teacher, *u_args), ht, caps, flags
 
 
-def _default_split(n, v, device):
+def _default_split(n, v, device, block_n, block_v):
     """Vocabulary splits so that about two programs per SM run even when N is small."""
-    tiles = triton.cdiv(v, BLOCK_V)
+    tiles = triton.cdiv(v, block_v)
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(n, BLOCK_N))))
+    return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(n, block_n))))
 
 
 NO_TRANSFORMS = ((1.0, None), (1.0, None))
@@ -485,14 +544,15 @@ def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, lab
     """
     with_kl = hrm > 0 if with_kl is None else with_kl or hrm > 0
     n, v = labels.numel(), ws.shape[0]
-    split = split or _default_split(n, v, xs.device)
-    tiles_per_split = triton.cdiv(triton.cdiv(v, BLOCK_V), split)
-    split = triton.cdiv(triton.cdiv(v, BLOCK_V), tiles_per_split)   # no empty ranges
+    args, ht, caps, flags = _common("fwd", xs, ws, bs, xt, wt, bt, u, transforms)
+    block_n, block_v = flags["BLOCK_N"], flags["BLOCK_V"]
+    split = split or _default_split(n, v, xs.device, block_n, block_v)
+    tiles_per_split = triton.cdiv(triton.cdiv(v, block_v), split)
+    split = triton.cdiv(triton.cdiv(v, block_v), tiles_per_split)   # no empty ranges
     part = torch.empty(split, n, 10, dtype=torch.float32, device=xs.device)
-    args, ht, caps, flags = _common(xs, ws, bs, xt, wt, bt, u, transforms)
     (_, log_beta, log_1m_beta), divergence = divergence_args(beta)
     jsd = divergence["JSD"] and with_kl
-    grid = (triton.cdiv(n, BLOCK_N), split)
+    grid = (triton.cdiv(n, block_n), split)
     if n:
         with _device_of(xs):
             _linear_hrm_loss_fwd_kernel[grid](
@@ -536,12 +596,13 @@ def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, tem
         du = new(u, memory_format=torch.contiguous_format)
     s_grads = sum(1 << i for i, w in enumerate(want[:3]) if w)
     t_grads = sum(1 << i for i, w in enumerate(want[3:]) if w) if hrm > 0 else 0   # else exactly 0
-    args, ht, caps, flags = _common(xs, ws, bs, xt, wt, bt, u, transforms)
+    args, ht, caps, flags = _common("bwd", xs, ws, bs, xt, wt, bt, u, transforms)
     scalars, divergence = divergence_args(beta)
+    grid = (triton.cdiv(n, flags["BLOCK_N"]), triton.cdiv(v, flags["BLOCK_V"]))
     if n and (s_grads or t_grads):
         dummy = stats
         with _device_of(xs):
-            _linear_hrm_loss_bwd_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V))](
+            _linear_hrm_loss_bwd_kernel[grid](
                 *args, labels, stats, grad, grad.stride(0),
                 *(a if a is not None else dummy for a in acc),
                 du if du is not None else dummy, du.stride(0) if du is not None else 0,

@@ -42,6 +42,12 @@ max l, in fp64 (k values per row): a teacher holding 1 - 1e-9 of its mass in the
 P = 1e-9, not 0, and P ~ 1e-4 keeps more than fp32's three digits. With k = V there is no rest
 outcome and P = 0 (rounded log-probabilities need not add up to exactly 1).
 
+Any k. A program holds BLOCK_K <= MAX_BLOCK_K top-k entries at a time and loops over steps of
+that many: the registers do not grow with k (k = 32768 at once spilled 9-16 KB). Across steps
+the forward carries online log-sum-exps for "renormalize" (two passes: normalisers, then the
+divergence) and, for P, the pair (m, o): the running max and the sum of exp(l - m) over all entries but
+one maximal one, so that the other entries never cancel against the 1 of the maximum.
+
 Stats saved per row (N, 4): lse(z), lse_s (lse(a) for "rest", lse over the top-k of a for
 "renormalize"), L ("rest"; JSD: log Q - log M, 0 where Q = 0) or lse_t = lse(l)
 ("renormalize"), and KL (JSD: KL(q || m)).
@@ -49,7 +55,9 @@ Stats saved per row (N, 4): lse(z), lse_s (lse(a) for "rest", lse over the top-k
 Bytes per row (bf16 student, int64 ids, fp32 log-probabilities): forward reads z once (2V) and
 12k for the teacher; backward reads z again and writes dz (4V), plus 12k per vocabulary block.
 The backward writes the dense gradient of its block, then (after a barrier) overwrites the
-block's top-k entries with their own values, gathered before the dense store (dz may alias z).
+block's top-k entries with their own values, step by step. Their logits come from the block in
+registers (tl.gather), not from memory, which the dense store may have overwritten (dz may
+alias z).
 """
 import torch
 import triton
@@ -60,6 +68,10 @@ from torch.library import wrap_triton
 from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _log_mix, _online_lse,
                                                 _online_lse_h, _store_ce_loss, _store_ignored_row,
                                                 custom_triton_op, divergence_args)
+
+# Top-k entries a program holds at once; a larger k is a loop over steps of this many, so the
+# registers a program needs do not grow with k.
+MAX_BLOCK_K = 1024
 
 
 @triton.jit
@@ -75,13 +87,6 @@ def _one_minus_exp(x):
     u = tl.exp(x)
     em1 = tl.where(x < -0.5, u - 1.0, (u - 1.0) * (x / tl.log(u)))
     return -tl.where(u == 1.0, x, em1)
-
-
-@triton.jit
-def _lse_vec(x):
-    m = tl.max(x, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
 
 
 @triton.jit
@@ -104,6 +109,38 @@ def _jsd_terms(lp, lq, log_beta, log_1m_beta):
 
 
 @triton.jit
+def _fold_max_others(m, o, lp, BLOCK_K: tl.constexpr):
+    """Fold a block of log-probabilities lp (fp64) into (m, o): m = max l and o = the sum of
+    exp(l - m) over every entry but one maximal one, so that sum exp(l) = exp(m) (1 + o)."""
+    m_c = tl.max(lp, axis=0)
+    e = tl.exp(lp - tl.where(m_c == float("-inf"), 0.0, m_c))
+    o_c = tl.sum(tl.where(tl.arange(0, BLOCK_K) == tl.argmax(lp, axis=0), 0.0, e), axis=0)
+    new = m_c > m
+    top = tl.maximum(m, m_c)
+    # The other side's entries, its maximum included (the 1), rescaled to the larger max.
+    w = tl.exp(tl.minimum(m, m_c) - tl.where(top == float("-inf"), 0.0, top))
+    return top, tl.where(new, o_c, o) + (tl.where(new, o, o_c) + 1.0) * w
+
+
+@triton.jit
+def _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Top-k entries k0 .. k0 + BLOCK_K - 1 of a row: (in range, id in [0, V), l, a = z_id / T).
+
+    An id outside [0, V) is never dereferenced (it reads z_0); it makes the row's KL NaN.
+    """
+    ks = k0 + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    idx = tl.load(i_row + ks, mask=kmask, other=0).to(tl.int64)
+    lp = tl.load(l_row + ks, mask=kmask, other=float("-inf")).to(tl.float32)
+    ok = (idx >= 0) & (idx < V)
+    a = tl.load(z_row + tl.where(ok, idx, 0), mask=kmask, other=float("-inf")).to(tl.float32)
+    if not UNIT_T:
+        a = a * inv_t
+    return kmask, ok, lp, a
+
+
+@triton.jit
 def _hrm_loss_topk_fwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
     i_ptr, i_sb, i_ss,           # teacher top-k ids (B, S, K), int32/int64, unit last stride
@@ -120,7 +157,8 @@ def _hrm_loss_topk_fwd_kernel(
     REST: tl.constexpr,          # "rest" bucket, else "renormalize"
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
     UNIT_T: tl.constexpr,        # T == 1: a = z
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,       # top-k entries per step; k is any size (a loop over steps)
 ):
     row = tl.program_id(0).to(tl.int64)   # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
@@ -130,15 +168,13 @@ def _hrm_loss_topk_fwd_kernel(
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     cols = tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_K)
-    kmask = ks < K
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)   # a scalar fp32 0 for loop carries
     m_z, s_z, m_a, s_a, m_r, s_r = zero - float("inf"), zero, zero - float("inf"), zero, \
         zero - float("inf"), zero
     sum_z = zero
     h = zero          # sum_v exp(a_v - m_a) * (a_v - m_a), for the entropy
     srt_row = srt_ptr + row * K
-    if REST:
-        srt = tl.load(srt_row + ks, mask=kmask, other=0)
+    hi = tl.sum(tl.zeros([BLOCK_K], tl.int32), axis=0)   # sorted ids below the current block
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
         z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -152,9 +188,14 @@ def _hrm_loss_topk_fwd_kernel(
         if SMOOTH:
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
         if REST:
-            # This block's top-k members are srt[lo:hi]; mask them out of the rest's sum.
-            lo = tl.sum((kmask & (srt < v0)).to(tl.int32), axis=0)
-            hi = tl.sum((kmask & (srt < v0 + BLOCK_V)).to(tl.int32), axis=0)
+            # This block's top-k members are srt[lo:hi], lo the previous block's hi (srt is
+            # sorted): count the ids below the block's end from lo on; mask them out of the
+            # rest's sum, one block-wide compare per member.
+            lo = hi
+            for k0 in range(lo, K, BLOCK_K):
+                inside = k0 + ks < K
+                srt = tl.load(srt_row + k0 + ks, mask=inside, other=0)
+                hi += tl.sum((inside & (srt < v0 + BLOCK_V)).to(tl.int32), axis=0)
             member = cols < 0
             for j in range(lo, hi):
                 member = member | (cols == tl.load(srt_row + j) - v0)
@@ -165,63 +206,82 @@ def _hrm_loss_topk_fwd_kernel(
     else:
         entropy = tl.log(s_a) - h / s_a
 
-    # k gathers: ids outside [0, V) are never dereferenced; they make the row's KL NaN.
+    # The top-k in steps of BLOCK_K: k gathers from the student's row.
     i_row = i_ptr + (row // S) * i_sb + (row % S) * i_ss
     l_row = l_ptr + (row // S) * l_sb + (row % S) * l_ss
-    idx = tl.load(i_row + ks, mask=kmask, other=0).to(tl.int64)
-    lp = tl.load(l_row + ks, mask=kmask, other=float("-inf")).to(tl.float32)
-    ok = (idx >= 0) & (idx < V)
-    all_ok = tl.sum((kmask & ~ok).to(tl.int32), axis=0) == 0
-    a_top = tl.load(z_row + tl.where(ok, idx, 0), mask=kmask, other=float("-inf")).to(tl.float32)
-    if not UNIT_T:
-        a_top = a_top * inv_t
+    n_bad = tl.sum(tl.zeros([BLOCK_K], tl.int32), axis=0)   # ids outside [0, V)
+    kl = zero                   # the KL (the JSD's: beta kl_pm + (1 - beta) kl_qm, at the end)
+    kl_pm, kl_qm = zero, zero   # the JSD's KL(p || m) and KL(q || m)
     if REST:
         lse_s = lse_z if UNIT_T else m_a + tl.log(s_a)
         log_qr = m_r + tl.log(s_r) - lse_s          # -inf when the top-k hold all the mass
         # P = 1 - sum exp(l) = -expm1(lse(l)), lse(l) = m + log1p(the others relative to m), in
         # fp64: k values per row, and P ~ 1e-4 from fp32 sums would keep only three digits.
-        lp64 = lp.to(tl.float64)
-        m_l = tl.max(lp64, axis=0)
-        e_l = tl.exp(lp64 - tl.where(m_l == float("-inf"), 0.0, m_l))
-        others = tl.sum(tl.where(ks == tl.argmax(lp64, axis=0), 0.0, e_l), axis=0)
+        m_l, others = (zero - float("inf")).to(tl.float64), zero.to(tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            kmask, ok, lp, a_top = _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T,
+                                               BLOCK_K)
+            n_bad += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
+            m_l, others = _fold_max_others(m_l, others, lp.to(tl.float64), BLOCK_K)
+            ls = a_top - lse_s
+            if JSD:
+                pm, qm = _jsd_terms(lp, ls, log_beta, log_1m_beta)
+                kl_pm += pm
+                kl_qm += qm
+            elif REVERSE:
+                q = tl.exp(ls)
+                kl += tl.sum(tl.where(q > 0.0, q * (ls - lp), 0.0), axis=0)
+            else:
+                p = tl.exp(lp)
+                kl += tl.sum(tl.where(p > 0.0, p * (lp - ls), 0.0), axis=0)
         pr = tl.maximum(_one_minus_exp(m_l + _log1p(others)), 0.0)
         pr = tl.where(K == V, 0.0, pr)    # k = V: nothing is left outside, whatever the rounding
         log_pr = tl.log(pr).to(tl.float32)
-        ls = a_top - lse_s
-        if JSD:
-            lm_r = _log_mix(log_pr, log_qr, log_beta, log_1m_beta)   # the bucket's log M
-            kl_pm, kl_qm = _jsd_terms(lp, ls, log_beta, log_1m_beta)
+        if JSD:   # the rest bucket's terms, with M = beta P + (1 - beta) Q
+            lm_r = _log_mix(log_pr, log_qr, log_beta, log_1m_beta)
             kl_pm += tl.where(log_pr > float("-inf"), tl.exp(log_pr) * (log_pr - lm_r), 0.0)
             kl_qm += tl.where(log_qr > float("-inf"), tl.exp(log_qr) * (log_qr - lm_r), 0.0)
-            kl = beta * kl_pm + (1.0 - beta) * kl_qm
             slot2 = tl.where(log_qr > float("-inf"), log_qr - lm_r, 0.0)
-        elif REVERSE:
-            q = tl.exp(ls)
-            kl = tl.sum(tl.where(q > 0.0, q * (ls - lp), 0.0), axis=0) + _bucket_kl(log_qr, log_pr)
         else:
-            p = tl.exp(lp)
-            kl = tl.sum(tl.where(p > 0.0, p * (lp - ls), 0.0), axis=0) + _bucket_kl(log_pr, log_qr)
-        if not JSD:
+            if REVERSE:
+                kl += _bucket_kl(log_qr, log_pr)
+            else:
+                kl += _bucket_kl(log_pr, log_qr)
             slot2 = tl.where(pr > 0.0, log_qr + lse_s - log_pr, float("inf"))   # L
     else:
-        lse_s = _lse_vec(a_top)
-        slot2 = _lse_vec(lp)                                               # lse_t
-        ls = a_top - lse_s
-        lt = lp - slot2
-        if JSD:
-            kl_pm, kl_qm = _jsd_terms(lt, ls, log_beta, log_1m_beta)
-            kl = beta * kl_pm + (1.0 - beta) * kl_qm
-        elif REVERSE:
-            q = tl.exp(ls)
-            kl = tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
-        else:
-            p = tl.exp(lt)
-            kl = tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
+        # Two passes: the normalisers lse_s = lse over the top-k of a and lse_t = lse(l) first,
+        # then the divergence of the renormalised distributions.
+        m_s, s_s, m_t, s_t = zero - float("inf"), zero, zero - float("inf"), zero
+        for k0 in range(0, K, BLOCK_K):
+            kmask, ok, lp, a_top = _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T,
+                                               BLOCK_K)
+            n_bad += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
+            m_s, s_s, _e_s, _alpha_s = _online_lse(m_s, s_s, a_top)
+            m_t, s_t, _e_t, _alpha_t = _online_lse(m_t, s_t, lp)
+        lse_s = m_s + tl.log(s_s)
+        slot2 = m_t + tl.log(s_t)                                          # lse_t
+        for k0 in range(0, K, BLOCK_K):
+            kmask, ok, lp, a_top = _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T,
+                                               BLOCK_K)
+            ls = a_top - lse_s
+            lt = lp - slot2
+            if JSD:
+                pm, qm = _jsd_terms(lt, ls, log_beta, log_1m_beta)
+                kl_pm += pm
+                kl_qm += qm
+            elif REVERSE:
+                q = tl.exp(ls)
+                kl += tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
+            else:
+                p = tl.exp(lt)
+                kl += tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
+    if JSD:
+        kl = beta * kl_pm + (1.0 - beta) * kl_qm
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
-    kl = tl.where(all_ok, kl, float("nan"))
+    kl = tl.where(n_bad == 0, kl, float("nan"))
     slot3 = kl
     if JSD:
-        slot3 = tl.where(all_ok, kl_qm, float("nan"))
+        slot3 = tl.where(n_bad == 0, kl_qm, float("nan"))
 
     _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
@@ -258,8 +318,8 @@ def _hrm_loss_topk_bwd_kernel(
         return
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
     lse_z = tl.load(stats_ptr + 4 * row)
-    z_row = z_ptr + r_b * z_sb + r_s * z_ss
-    z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask,
+                other=float("-inf")).to(tl.float32)
     sm = tl.exp(z - lse_z)
     dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
     if HAS_KL:
@@ -280,29 +340,36 @@ def _hrm_loss_topk_bwd_kernel(
                 dz += c * tl.where(q > 0.0, q * ((slot2 - lse_s) - kl), 0.0)
             else:
                 dz += c * (q - tl.where(a > float("-inf"), tl.exp(a - slot2), 0.0))
-        # This block's top-k entries, gathered before dz is stored over z (inplace_backward).
-        ks = tl.arange(0, BLOCK_K)
-        idx = tl.load(i_ptr + r_b * i_sb + r_s * i_ss + ks, mask=ks < K, other=-1).to(tl.int64)
-        mine = (ks < K) & (idx >= v0) & (idx < v0 + BLOCK_V) & (idx < V)
-        z_t = tl.load(z_row + idx, mask=mine, other=float("-inf")).to(tl.float32)
-        lt = tl.load(l_ptr + r_b * l_sb + r_s * l_ss + ks, mask=mine,
-                     other=float("-inf")).to(tl.float32)
-        if not REST:
-            lt = lt - slot2
-        ls = (z_t if UNIT_T else z_t * inv_t) - lse_s
-        q_t = tl.exp(ls)
-        if JSD:
-            lm = _log_mix(lt, ls, log_beta, log_1m_beta)
-            top = (1.0 - beta) * tl.where(q_t > 0.0, q_t * (ls - lm - kl), 0.0)
-        elif REVERSE:
-            top = tl.where(q_t > 0.0, q_t * (ls - lt - kl), 0.0)
-        else:
-            top = q_t - tl.exp(lt)
-        dz_t = tl.exp(z_t - lse_z) - eps / V - tl.where(idx == y, 1.0 - eps, 0.0) + c * top
     tl.store(dz_row + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
     if HAS_KL:
+        # This block's top-k entries overwrite their dense values, in steps of BLOCK_K. Their
+        # logits come from the registers (tl.gather), not memory: dz may alias z.
         tl.debug_barrier()   # every thread's dense store lands before the top-k overwrite
-        tl.store(dz_row + idx, (g * dz_t).to(dz_ptr.dtype.element_ty), mask=mine)
+        i_row = i_ptr + r_b * i_sb + r_s * i_ss
+        l_row = l_ptr + r_b * l_sb + r_s * l_ss
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(i_row + ks, mask=ks < K, other=-1).to(tl.int64)
+            mine = (ks < K) & (idx >= v0) & (idx < v0 + BLOCK_V) & (idx < V)
+            z_t = tl.gather(z, tl.where(mine, idx - v0, 0).to(tl.int32), 0)
+            lt = tl.load(l_row + ks, mask=mine, other=float("-inf")).to(tl.float32)
+            if not REST:
+                lt = lt - slot2
+            ls = (z_t if UNIT_T else z_t * inv_t) - lse_s
+            q_t = tl.exp(ls)
+            if JSD:
+                lm = _log_mix(lt, ls, log_beta, log_1m_beta)
+                top = (1.0 - beta) * tl.where(q_t > 0.0, q_t * (ls - lm - kl), 0.0)
+            elif REVERSE:
+                top = tl.where(q_t > 0.0, q_t * (ls - lt - kl), 0.0)
+            else:
+                top = q_t - tl.exp(lt)
+            dz_t = tl.exp(z_t - lse_z) - eps / V - tl.where(idx == y, 1.0 - eps, 0.0) + c * top
+            tl.store(dz_row + idx, (g * dz_t).to(dz_ptr.dtype.element_ty), mask=mine)
+
+
+def _block_k(k):
+    return min(triton.next_power_of_2(int(k)), MAX_BLOCK_K)
 
 
 # Custom ops, registered as in hrm_loss.py (triton_op on a GPU, an opaque custom_op under
@@ -332,8 +399,10 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
                 lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, ent, stats,
                 z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
                 *scalars, REST=not renormalize, SMOOTH=label_smoothing > 0,
-                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v),
-                BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8, **flags)
+                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v, z.device, z.element_size()),
+                BLOCK_K=_block_k(k),
+                num_warps=4,   # at 8 warps ptxas aims at 80 registers and spills (sm_90, sm_100)
+                **flags)
     return loss, ce, kl, ent, stats
 
 
@@ -344,7 +413,7 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
     if not n:
         return
-    block = _block_v(v)
+    block = _block_v(v, z.device, z.element_size())
     scalars, flags = divergence_args(beta)
     with _device_of(z):
         wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
@@ -352,8 +421,8 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
             lp, lp.stride(0), lp.stride(1), labels, stats, grad, grad.stride(0),
             dz, dz.stride(0), dz.stride(1), z.shape[1], v, k, hrm, 1.0 / temperature,
             label_smoothing, ignore_index, *scalars, REST=not renormalize, HAS_KL=hrm > 0,
-            UNIT_T=temperature == 1.0, BLOCK_V=block, BLOCK_K=triton.next_power_of_2(int(k)),
-            num_warps=8, **flags)
+            UNIT_T=temperature == 1.0, BLOCK_V=block, BLOCK_K=_block_k(k), num_warps=8,
+            **flags)
 
 
 def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,

@@ -1,0 +1,553 @@
+"""Every Triton kernel, as its launcher specialises it, compiled ahead of time for real GPUs.
+
+The Triton interpreter (how the other tests run kernels on CPU) sees no target: a kernel that
+does not compile for one, asks for more shared memory than a block may have, or spills registers
+passes there and fails or crawls on a GPU. This module compiles each kernel for sm_80, sm_86,
+sm_90 and sm_100 without a GPU and fails on
+
+- a compile error;
+- shared memory (the compile metadata) above the target's per-block opt-in limit;
+- a stack frame (cuobjdump --dump-resource-usage of the cubin; Triton kernels have no local
+  arrays, so it is spilled registers) above the case's budget: NO_SPILL (0 B) for the dense and
+  top-k kernels at any shape and k, and for fused-linear with bf16/fp16 heads or fp32 at matmul
+  precision "medium"; WIDE_SPILL for fused-linear with fp32 at "high"/"highest" or fp64 heads.
+
+Launch configurations come from the launchers, never from a copy here: each case calls a real
+launcher on stand-in tensors (CPU; meta for fused-linear heads, which may be GBs) while
+KernelInterface.__getitem__ records the launch instead of running it and every kernel module's
+`launch_target` answers the target being compiled for, as it answers a GPU's compute capability
+on a real launch. A new constexpr flag or tile choice is therefore picked up as it is; a new
+option needs its values in a case. The recorded arguments are specialised as JITFunction.run
+does at launch (Triton's own native_specialize_impl: pointers and integers divisible by 16,
+integers equal to 1), identical compiles are merged, and triton.compile runs in worker
+processes, one per core, that import the kernels with TRITON_INTERPRET=0. Cases use sizes that
+change the generated code: V and H divisible by 16 or not, vocabulary and top-k blocks full or
+not, one top-k step or several.
+
+Triton versions: the installed one (3.9) in this process, and 3.6.0 (the GPU machine's, with
+torch 2.11) in a subprocess whose PYTHONPATH starts with .triton-3.6/ (`pip install --no-deps
+--target .triton-3.6 triton==3.6.0`, part of the README's test command), for sm_80/86/90.
+
+    python tests/test_triton_aot.py --table benchmarks/kernel_resources.md   # the resource table
+"""
+import contextlib
+import importlib
+import inspect
+import itertools
+import json
+import os
+import pkgutil
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":   # as a script: the kernels under test are this checkout's, and
+    sys.path.insert(0, str(ROOT))   # launches are recorded as under pytest (conftest.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Per-block shared memory a kernel may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 100: 232448}
+
+
+# --- recording: what the launchers launch -------------------------------------------------
+
+def _kernel_modules():
+    import hrmkernels.kernels.triton as pkg
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(pkg.__path__)]
+
+
+@contextlib.contextmanager
+def _recording(target):
+    """Launches made inside the block are recorded, not run, as (kernel fn, args, kwargs);
+    launch_target answers `target`, so launch configurations are the ones chosen on it."""
+    from triton.runtime.jit import KernelInterface
+    launches = []
+
+    def getitem(kernel, grid):
+        return lambda *args, **kwargs: launches.append((kernel.fn, args, kwargs))
+
+    saved = [(KernelInterface, "__getitem__", KernelInterface.__getitem__)]
+    saved += [(m, "launch_target", m.launch_target) for m in _kernel_modules()
+              if hasattr(m, "launch_target")]
+    KernelInterface.__getitem__ = getitem
+    for m, name, _ in saved[1:]:
+        setattr(m, name, lambda device: target)
+    try:
+        yield launches
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _specialise(fn, args, kwargs, backend):
+    """The (signature, constexprs, attrs, options) JITFunction.run compiles for this call."""
+    from triton._C.libtriton import native_specialize_impl
+    params = inspect.signature(fn).parameters
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in params}
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        if "constexpr" in str(params[name].annotation):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        ty, spec = native_specialize_impl(backend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":            # an integer equal to 1, or None
+            constexprs[name] = value
+        elif isinstance(spec, str):      # "D": divisible by 16 (pointers: 16-byte aligned)
+            attrs[str(i)] = backend.parse_attr(spec)
+    return signature, constexprs, attrs, options
+
+
+def record(cases, target):
+    """Compile specs for `cases` [(label, spill budget in bytes, launcher call)] on `target`.
+
+    A spec is a JSON-able dict; identical compiles are merged (the first label is kept, the
+    tightest budget applies).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    backend = make_backend(GPUTarget("cuda", target, 32))
+    specs = {}
+    for label, budget, call in cases:
+        with _recording(target) as launches:
+            call()
+        assert launches, f"{label}: the launcher launched nothing"
+        for fn, args, kwargs in launches:
+            signature, constexprs, attrs, options = _specialise(fn, args, dict(kwargs), backend)
+            spec = dict(module=fn.__module__, kernel=fn.__name__, target=target,
+                        signature=signature, constexprs=constexprs, attrs=attrs, options=options)
+            key = json.dumps(spec, sort_keys=True)
+            old = specs.setdefault(key, dict(spec, label=label, budget=budget))
+            old["budget"] = min(old["budget"], budget)
+    return list(specs.values())
+
+
+# --- compiling: worker processes -----------------------------------------------------------
+
+def _cuobjdump():
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(tool) if tool.exists() else shutil.which("cuobjdump")
+
+
+def _resource_usage(cubin, tool):
+    """(registers, stack frame bytes) of the one kernel in `cubin`, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+    usage = dict(item.split(":", 1) for item in line.split())
+    return int(usage["REG"]), int(usage["STACK"])
+
+
+def compile_spec(spec, tool):
+    """triton.compile one spec; its resources, or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    attrs = {(int(i),): v for i, v in spec["attrs"].items()}
+    src = ASTSource(fn, spec["signature"], spec["constexprs"], attrs)
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", spec["target"], 32),
+                                options=spec["options"])
+    except Exception as e:   # noqa: BLE001 -- any compiler error is a finding
+        return dict(error=f"{type(e).__name__}: {e}"[:3000])
+    regs, stack = _resource_usage(kernel.asm["cubin"], tool)
+    return dict(error=None, shared=kernel.metadata.shared, regs=regs, stack=stack)
+
+
+def _worker():
+    """--worker: one JSON spec per stdin line in, one JSON result per stdout line out."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)   # anything the compiler prints goes to stderr, not into the results
+    tool = _cuobjdump()
+    for line in sys.stdin:
+        out.write(json.dumps(compile_spec(json.loads(line), tool)) + "\n")
+        out.flush()
+
+
+def compile_all(specs, jobs=None):
+    """Compile specs in `jobs` worker processes (default: one per core); the results, in order.
+
+    The workers import this checkout's kernels with TRITON_INTERPRET=0 and the Triton this
+    process has (PYTHONPATH is passed on). A worker that dies fails its spec and is replaced.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    todo = queue.Queue()
+    for item in enumerate(specs):
+        todo.put(item)
+    results = [None] * len(specs)
+
+    def start():
+        return subprocess.Popen([sys.executable, __file__, "--worker"], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def drive():
+        proc = start()
+        while True:
+            try:
+                i, spec = todo.get_nowait()
+            except queue.Empty:
+                break
+            proc.stdin.write(json.dumps(spec) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                results[i] = dict(error=f"the compiler process died (exit {proc.wait()})")
+                proc = start()
+                continue
+            results[i] = json.loads(line)
+        proc.stdin.close()
+        proc.wait()
+
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = [threading.Thread(target=drive) for _ in range(jobs or 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [dict(spec, **r) for spec, r in zip(specs, results)]
+
+
+
+# --- the cases: launcher calls on stand-in tensors -------------------------------------------
+
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16", F64: "fp64", torch.int32: "i32",
+         torch.int64: "i64"}
+NO_SPILL = 0   # bytes of stack frame allowed where a kernel must not spill
+
+
+def _grid(**axes):
+    """Every combination of the axes' values, as dicts."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def _label(**kw):
+    return " ".join(f"{k}={NAMES.get(v, v)}" for k, v in kw.items())
+
+
+def _call(launcher, *args, **options):
+    """launcher(*args, **options), dropping options it does not take (another version's)."""
+    params = inspect.signature(launcher).parameters
+    return launcher(*args, **{k: v for k, v in options.items() if k in params})
+
+
+def _rows(n, v, dtype):
+    """(2, n, v) rows as a causal LM passes them: x[:, :-1] of a (2, n + 1, v) batch."""
+    return torch.empty(2, n + 1, v, dtype=dtype)[:, :-1]
+
+
+# Loss options that select kernel specialisations. `reverse` and `beta` both appear so that
+# the cases follow the launchers through that change of signature (_call drops the other).
+KL_MODES = (dict(reverse=False, beta=0.0), dict(reverse=True, beta=1.0))
+
+
+def dense_cases():
+    """hrm_loss fwd and bwd: every option combination at bf16 and fp32, V = 128256; every
+    (student, teacher) dtype pair at V = 50257 (rows not 16-byte aligned), and fp64; small V
+    (BLOCK_V 1024 with int32 labels; V = 1). No spills, whatever the shape."""
+    from hrmkernels.kernels.triton.hrm_loss import hrm_loss_bwd, hrm_loss_fwd
+    cases = []
+
+    def add(v, zt, ut, kl, temperature, eps, hrm=0.5, du=False, scalar_grad=True,
+            labels=torch.int64, fwd=True):
+        label = _label(z=zt, u=ut, V=v, T=temperature, eps=eps, **kl)
+
+        def forward():
+            _call(hrm_loss_fwd, _rows(15, v, zt), _rows(15, v, ut), torch.zeros(30, dtype=labels),
+                  hrm=hrm, temperature=temperature, label_smoothing=eps, ignore_index=-100, **kl)
+
+        def backward():
+            z, u = _rows(15, v, zt), _rows(15, v, ut)
+            grad = torch.ones(()).expand(30) if scalar_grad else torch.ones(30)
+            _call(hrm_loss_bwd, z, u, torch.zeros(30, dtype=labels), torch.zeros(30, 4), grad,
+                  hrm=hrm, temperature=temperature, label_smoothing=eps, ignore_index=-100,
+                  dz=z, du=u if du else None, **kl)
+        if fwd:
+            cases.append((f"fwd {label}", NO_SPILL, forward))
+        cases.append((f"bwd {label} hrm={hrm} du={du} scalar_grad={scalar_grad}", NO_SPILL,
+                      backward))
+
+    for dt, o in itertools.product((BF16, F32), _grid(kl=KL_MODES, temperature=(1.0, 2.0),
+                                                      eps=(0.0, 0.1))):
+        add(128256, dt, dt, **o)
+        add(128256, dt, dt, **o, du=True, fwd=False)          # the teacher's gradient too
+    add(128256, BF16, BF16, KL_MODES[0], 2.0, 0.0, hrm=0.0, fwd=False)   # no KL term
+    add(128256, BF16, BF16, KL_MODES[0], 2.0, 0.1, scalar_grad=False, fwd=False)   # "none"
+    for zt, ut in itertools.product((F32, BF16, F16), repeat=2):
+        add(50257, zt, ut, KL_MODES[1], 2.0, 0.1, du=True)
+    add(50257, F64, F64, KL_MODES[1], 2.0, 0.1, du=True)   # fp64 logits: BLOCK_V 1024
+    add(1000, BF16, BF16, KL_MODES[1], 2.0, 0.1, du=True, labels=torch.int32)
+    add(1, BF16, BF16, KL_MODES[0], 2.0, 0.1, du=True)        # V = 1 is a constexpr
+    return cases
+
+
+def topk_cases():
+    """Top-k fwd and bwd, both modes: every option combination at k = 64; k from 1 to 32768
+    (one step, several, not a power of two); student, id and log-probability dtypes. No
+    spills, whatever k."""
+    from hrmkernels.kernels.triton.topk import hrm_loss_topk_bwd, hrm_loss_topk_fwd
+    cases = []
+    v = 128256
+
+    def add(k, kl, renormalize, temperature, eps, hrm=0.5, zt=BF16, it=torch.int64, lt=F32):
+        label = _label(z=zt, ids=it, lp=lt, V=v, k=k, renormalize=renormalize, T=temperature,
+                       eps=eps, hrm=hrm, **kl)
+        opts = dict(hrm=hrm, temperature=temperature, label_smoothing=eps, ignore_index=-100,
+                    renormalize=renormalize, **kl)
+
+        def inputs():
+            idx = _rows(15, k, it)
+            idx.copy_(torch.arange(k))   # distinct ids: the forward sorts them
+            return _rows(15, v, zt), idx, _rows(15, k, lt), torch.zeros(30, dtype=torch.int64)
+
+        def forward():
+            _call(hrm_loss_topk_fwd, *inputs(), **opts)
+
+        def backward():
+            z, idx, lp, y = inputs()
+            _call(hrm_loss_topk_bwd, z, idx, lp, y, torch.zeros(30, 4),
+                  torch.ones(()).expand(30), dz=z, **opts)
+        if hrm > 0:
+            cases.append((f"fwd {label}", NO_SPILL, forward))
+        cases.append((f"bwd {label}", NO_SPILL, backward))
+
+    for o in _grid(kl=KL_MODES, renormalize=(False, True), temperature=(1.0, 2.0),
+                   eps=(0.0, 0.1)):
+        add(64, **o)
+    add(64, KL_MODES[0], False, 2.0, 0.0, hrm=0.0)    # backward without the KL term
+    for k, renormalize in itertools.product((1, 1000, 8192, 32768), (False, True)):
+        add(k, KL_MODES[1], renormalize, 2.0, 0.1)
+    add(64, KL_MODES[1], False, 2.0, 0.1, zt=F32, it=torch.int32, lt=BF16)
+    add(64, KL_MODES[1], True, 2.0, 0.1, zt=F16)
+    return cases
+
+
+# The heads' dot classes: fp32 at each torch.set_float32_matmul_precision, bf16, fp16, fp64.
+HEADS = ((F32, "highest"), (F32, "high"), (F32, "medium"), (BF16, "highest"),
+         (F16, "highest"), (F64, "highest"))
+WIDE_SPILL = 64   # bytes: fp32 "high"/"highest" and fp64 fused-linear (see linear_cases)
+
+
+def linear_cases():
+    """Fused-linear fwd and bwd. Each head dtype (fp32 at each matmul precision, bf16, fp16,
+    fp64) at V = 50257, H = 1000 (no 16-divisible size) with a teacher head and every gradient,
+    and at V = 128256, H = 4096 with precomputed teacher logits (and their gradient); at bf16,
+    each option and gradient mask on its own, the mixed shapes and fp32 teacher logits.
+
+    No spills with bf16/fp16 or tf32 dots. fp32 at "high" (tf32x3) or "highest" (FMA) and
+    fp64 may spill up to WIDE_SPILL bytes: even at a quarter of the tile, ptxas keeps to 128
+    registers for 2 blocks per SM and spills a few there; they are not the fast path.
+    """
+    from hrmkernels.kernels.triton.linear import linear_hrm_loss_bwd, linear_hrm_loss_fwd
+    cases = []
+    all_grads, student_grads = (True,) * 6 + (False,), (True,) * 3 + (False,) * 4
+
+    def add(dtype, precision, v, h, teacher="hidden", bias=True, kl=KL_MODES[0],
+            temperature=2.0, eps=0.1, hrm=0.5, want=None, logits=None, scalar_grad=True,
+            fwd=True):
+        heads = NAMES[dtype] + (f" {precision}" if dtype == F32 else "")
+        label = _label(heads=heads, V=v, H=h, teacher=teacher, logits=logits or dtype,
+                       bias=bias, T=temperature, eps=eps, hrm=hrm, **kl)
+        budget = NO_SPILL if dtype in (BF16, F16) or precision == "medium" and dtype == F32 \
+            else WIDE_SPILL
+        want = want or ((True,) * 3 + (False,) * 3 + (True,) if teacher == "logits" else
+                        all_grads)
+        want = (want[0], want[1], want[2] and bias, *want[3:5], want[5] and bias, want[6])
+        opts = dict(hrm=hrm, temperature=temperature, label_smoothing=eps, ignore_index=-100,
+                    **kl)
+
+        def heads():
+            meta = dict(dtype=dtype, device="meta")
+            x, w = torch.empty(30, h, **meta), torch.empty(v, h, **meta)
+            b = torch.empty(v, **meta) if bias else None
+            y = torch.zeros(30, dtype=torch.int64, device="meta")
+            if teacher == "logits":
+                u = torch.empty(30, v, dtype=logits or dtype, device="meta")
+                return x, w, b, None, None, None, u, y
+            return x, w, b, x, w, b, None, y
+
+        def forward():
+            with _float32_matmul_precision(precision):
+                _call(linear_hrm_loss_fwd, *heads(), **opts)
+
+        def backward():
+            *h7, y = heads()
+            grad = torch.ones((), device="meta").expand(30) if scalar_grad else \
+                torch.ones(30, device="meta")
+            with _float32_matmul_precision(precision):
+                _call(linear_hrm_loss_bwd, *h7, y, torch.zeros(30, 4, device="meta"), grad,
+                      want=want, **opts)
+        if fwd:
+            cases.append((f"fwd {label}", budget, forward))
+        cases.append((f"bwd {label} want={''.join('x' if w else '-' for w in want)} "
+                      f"scalar_grad={scalar_grad}", budget, backward))
+
+    for dtype, precision in HEADS:
+        add(dtype, precision, 50257, 1000)
+        if dtype != F16:   # fp16 compiles as bf16 does but for the conversions
+            add(dtype, precision, 128256, 4096, teacher="logits")
+    b = (BF16, "highest")
+    add(*b, 128256, 4096)
+    add(*b, 50257, 4096)
+    add(*b, 128256, 1000)
+    add(*b, 128256, 4096, bias=False, temperature=1.0)
+    add(*b, 128256, 4096, teacher="logits", bias=False, temperature=1.0)
+    add(*b, 128256, 4096, kl=KL_MODES[1], eps=0.0)
+    add(*b, 128256, 4096, hrm=0.0)                         # no KL term: no teacher at all
+    add(*b, 128256, 4096, want=(True,) + (False,) * 6, fwd=False)   # frozen head: d hidden
+    add(*b, 128256, 4096, want=student_grads, fwd=False)   # frozen teacher
+    add(*b, 128256, 4096, scalar_grad=False, fwd=False)    # reduction="none"
+    add(*b, 128256, 4096, teacher="logits", logits=F32)
+    return cases
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(precision):
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def all_cases():
+    return dense_cases() + topk_cases() + linear_cases()
+
+
+
+
+# --- checks, the table, the tests -----------------------------------------------------------
+
+def problems(results):
+    """One line per compile that fails, overflows shared memory or spills beyond its budget."""
+    out = []
+    for r in results:
+        where = f"Triton {r['triton']} sm_{r['target']} {r['kernel']} [{r['label']}]"
+        if r["error"]:
+            out.append(f"{where}: does not compile: {r['error']}")
+        elif r["shared"] > SHARED_LIMIT[r["target"]]:
+            out.append(f"{where}: {r['shared']} B of shared memory > the block limit "
+                       f"{SHARED_LIMIT[r['target']]} B")
+        elif r["stack"] > r["budget"]:
+            out.append(f"{where}: spills {r['stack']} B ({r['regs']} registers) > its budget "
+                       f"{r['budget']} B")
+    return out
+
+
+def run(targets=tuple(SHARED_LIMIT)):
+    """Record every case on every target, compile, and return the results of this Triton."""
+    import triton
+    specs = [spec for target in targets for spec in record(all_cases(), target)]
+    return [dict(r, triton=triton.__version__) for r in compile_all(specs)]
+
+
+TRITON36 = ROOT / ".triton-3.6"   # pip install --no-deps --target .triton-3.6 triton==3.6.0
+TRITON36_TARGETS = (80, 86, 90)   # the GPU machine's H200; Blackwell wants a newer Triton
+
+
+def run_triton36(out):
+    """run() under the Triton in TRITON36, in a subprocess (this one has imported its own)."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(TRITON36), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, "--json", str(out), "--targets",
+                           ",".join(map(str, TRITON36_TARGETS))], env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"the Triton 3.6 run failed:\n{proc.stderr[-5000:]}"
+    return json.loads(Path(out).read_text())
+
+
+def table(results):
+    """The resource table as markdown: per kernel and specialisation, per Triton version, the
+    registers, spilled bytes and shared memory on each target."""
+    targets = sorted(SHARED_LIMIT)
+    cells = {}
+    for r in results:
+        cell = "error" if r["error"] else f"{r['regs']} / {r['stack']} / {r['shared']}"
+        if r.get("error") is None and (r["shared"] > SHARED_LIMIT[r["target"]]
+                                       or r["stack"] > r["budget"]):
+            cell = f"**{cell}**"
+        cells.setdefault((r["kernel"], r["label"], r["triton"]), {})[r["target"]] = cell
+    lines = [
+        "# Triton kernel resources, compiled ahead of time",
+        "",
+        "Generated by `python tests/test_triton_aot.py --table benchmarks/kernel_resources.md`",
+        "(Triton 3.6 too, on " + ", ".join(f"sm_{t}" for t in TRITON36_TARGETS) + ", when"
+        " `.triton-3.6/` holds it: `pip install --no-deps --target .triton-3.6 triton==3.6.0`).",
+        "",
+        "Each cell: registers / spilled bytes (stack frame) / shared memory bytes per block;"
+        " **bold** where the test fails it. Block limits: "
+        + ", ".join(f"sm_{t} {n} B" for t, n in SHARED_LIMIT.items())
+        + f". Spill budgets: {NO_SPILL} B, except fused-linear with fp32 heads at matmul"
+        f" precision \"high\"/\"highest\" or fp64 heads ({WIDE_SPILL} B).",
+        "",
+        f"{len(results)} compiles, {len(problems(results))} failing.",
+        "",
+        "| kernel | specialisation | Triton | " + " | ".join(f"sm_{t}" for t in targets) + " |",
+        "|---|---|---|" + "---|" * len(targets),
+    ]
+    for (kernel, label, version), row in sorted(cells.items()):
+        lines.append(f"| {kernel} | {label} | {version} | "
+                     + " | ".join(row.get(t, "") for t in targets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _assert_fine(results):
+    bad = problems(results)
+    assert not bad, f"{len(bad)} of {len(results)} compiles fail:\n" + "\n".join(bad)
+
+
+def test_triton_aot_kernels_compile_fit_and_do_not_spill():
+    """Under the installed Triton: every case on every target."""
+    _assert_fine(run())
+
+
+def test_triton_aot_under_triton_3_6(tmp_path):
+    """Under Triton 3.6.0, what the GPU machine runs (with torch 2.11)."""
+    if not (TRITON36 / "triton").is_dir():
+        pytest.skip(f"no Triton 3.6 in {TRITON36}: pip install --no-deps --target .triton-3.6 "
+                    "triton==3.6.0 (the README's test command does)")
+    results = run_triton36(tmp_path / "results.json")
+    assert {r["triton"] for r in results} == {"3.6.0"}
+    _assert_fine(results)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="write this Triton's results here (JSON)")
+    parser.add_argument("--targets", default=",".join(map(str, SHARED_LIMIT)),
+                        help="with --json: compute capabilities, comma-separated")
+    parser.add_argument("--table", help="write the resource table here (markdown), this "
+                                        "Triton's results and Triton 3.6's")
+    args = parser.parse_args()
+    if args.worker:
+        _worker()
+    elif args.json:
+        Path(args.json).write_text(json.dumps(run(tuple(map(int, args.targets.split(","))))))
+    elif args.table:
+        results = run()
+        if (TRITON36 / "triton").is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                results += run_triton36(Path(tmp) / "results.json")
+        Path(args.table).write_text(table(results))
+        print("\n".join(problems(results)) or f"{len(results)} compiles, all fine")
