@@ -242,7 +242,7 @@ def _hrm_loss_bwd_kernel(
     y_ptr,                       # labels (N,)
     stats_ptr,                   # (N, 5) fp32 from the forward: lse(z), lse(z/T), lse(u/T), then
                                  # mu, 0 (KL) or KL(q || m), KL(p || m) (JSD)
-    g_ptr, g_stride,             # incoming gradient of the per-row loss (N,) fp32; stride 0 = scalar
+    g_ptr, g_stride,             # the rows' incoming gradient (N,) fp32; stride 0: a scalar
     dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
     du_ptr, du_sb, du_ss,        # (B, S, V) out, teacher dtype; unused unless WRITE_DU
     S, V, hrm, inv_t, eps, ignore_index, beta, log_beta, log_1m_beta,
@@ -265,7 +265,8 @@ def _hrm_loss_bwd_kernel(
         return
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
     lse_z = tl.load(stats_ptr + 5 * row)
-    z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask,
+                other=float("-inf")).to(tl.float32)
     sm = tl.exp(z - lse_z)
     dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
     if HAS_KL:
@@ -300,7 +301,15 @@ def _hrm_loss_bwd_kernel(
     if WRITE_DU:
         tl.store(du_ptr + r_b * du_sb + r_s * du_ss + cols, (g * du).to(du_ptr.dtype.element_ty),
                  mask=mask)
-    tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# ptxas, left to itself under `.reqntid 256`, aims at an occupancy that it reaches by parking a
+# few values in local memory: 8-24 B of spills in the forward kernels, depending on the flags,
+# the target and the Triton version (tests/test_triton_aot.py). `maxnreg` lifts its register
+# target; 128 keeps two blocks of 8 warps per SM, ample for a kernel that streams rows.
+MAXNREG_8_WARPS = 128
 
 
 def _block_v(v, device, itemsize):
@@ -356,12 +365,14 @@ def _no_output(*args):
     return None
 
 
-def divergence_args(beta):
+def divergence_args(beta, used=True):
     """The kernels' JSD scalars (beta, log beta, log(1 - beta)) and flags REVERSE, JSD: beta = 0
-    and 1 take the one-pass KL kernels (the scalars are then unused)."""
-    jsd = 0.0 < beta < 1.0
+    and 1 take the one-pass KL kernels (the scalars are then unused). A launch without the
+    divergence term (used False: hrm == 0 in a backward) gets the forward KL's flags, whatever
+    beta: one compiled specialisation instead of three identical ones."""
+    jsd = used and 0.0 < beta < 1.0
     logs = (math.log(beta), math.log1p(-beta)) if jsd else (0.0, 0.0)
-    return (beta, *logs), dict(REVERSE=beta == 1.0, JSD=jsd)
+    return (beta, *logs), dict(REVERSE=used and beta == 1.0, JSD=jsd)
 
 
 @custom_triton_op("hrmkernels::hrm_loss_fwd_triton", (), _fwd_fake)
@@ -380,7 +391,7 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
                 label_smoothing, ignore_index, *scalars, SMOOTH=label_smoothing > 0,
                 UNIT_T=temperature == 1.0,
                 BLOCK_V=_block_v(v, z.device, max(z.element_size(), u.element_size())),
-                num_warps=8, **flags)
+                num_warps=8, maxnreg=MAXNREG_8_WARPS, **flags)
     return loss, ce, kl, ent, stats
 
 
@@ -394,7 +405,7 @@ def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: 
     block = _block_v(v, z.device, max(z.element_size(), u.element_size()))
     write_du = du is not None
     du = du if write_du else dz
-    scalars, flags = divergence_args(beta)
+    scalars, flags = divergence_args(beta, hrm > 0)
     with _device_of(z):
         wrap_triton(_hrm_loss_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,

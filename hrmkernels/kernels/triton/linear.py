@@ -40,8 +40,8 @@ from hrmkernels.kernels.triton.hrm_loss import (_device_of, _log_mix, divergence
 
 # Launch configurations (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel and kind
 # of dot, chosen with tests/test_triton_aot.py: every specialisation fits the smallest block of
-# sm_80, sm_86, sm_90, sm_100 (sm_86: 99 KB of shared memory) and, with bf16/fp16 or tf32
-# dots, spills no register, with a margin for more flags. Speed is untuned (that needs a GPU).
+# sm_80, sm_86, sm_90, sm_100 (sm_86: 99 KB of shared memory) and spills no register, with a
+# margin for more flags. Speed is untuned (that needs a GPU).
 #   "16":   bf16/fp16 operands. The backward also holds the head-gradient dots' operands and
 #           results: half the BLOCK_K.
 #   "tf32": fp32 operands at matmul precision "medium" (one tf32 product): 4-byte operands,
@@ -65,7 +65,10 @@ def _config(kind, dots, target):
         wide = any(d == torch.float64 or p in ("ieee", "tf32x3") for d, p in dots)
         tf32 = any(d == torch.float32 for d, _ in dots)
         tiles = CONFIGS[kind, "wide" if wide else "tf32" if tf32 else "16"]
-    return dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages"), tiles))
+    config = dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages"), tiles))
+    if target is not None:   # else ptxas aims at 128 registers and spills 8 B to 2 KB
+        config["maxnreg"] = 255
+    return config
 
 
 # The backward's S_GRADS / T_GRADS constexprs are bit masks of the gradients to form for the
@@ -550,8 +553,8 @@ def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, lab
     tiles_per_split = triton.cdiv(triton.cdiv(v, block_v), split)
     split = triton.cdiv(triton.cdiv(v, block_v), tiles_per_split)   # no empty ranges
     part = torch.empty(split, n, 10, dtype=torch.float32, device=xs.device)
-    (_, log_beta, log_1m_beta), divergence = divergence_args(beta)
-    jsd = divergence["JSD"] and with_kl
+    (_, log_beta, log_1m_beta), divergence = divergence_args(beta, with_kl)
+    jsd = divergence["JSD"]
     grid = (triton.cdiv(n, block_n), split)
     if n:
         with _device_of(xs):
@@ -597,7 +600,7 @@ def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, tem
     s_grads = sum(1 << i for i, w in enumerate(want[:3]) if w)
     t_grads = sum(1 << i for i, w in enumerate(want[3:]) if w) if hrm > 0 else 0   # else exactly 0
     args, ht, caps, flags = _common("bwd", xs, ws, bs, xt, wt, bt, u, transforms)
-    scalars, divergence = divergence_args(beta)
+    scalars, divergence = divergence_args(beta, hrm > 0)
     grid = (triton.cdiv(n, flags["BLOCK_N"]), triton.cdiv(v, flags["BLOCK_V"]))
     if n and (s_grads or t_grads):
         dummy = stats

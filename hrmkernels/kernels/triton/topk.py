@@ -45,8 +45,9 @@ outcome and P = 0 (rounded log-probabilities need not add up to exactly 1).
 Any k. A program holds BLOCK_K <= MAX_BLOCK_K top-k entries at a time and loops over steps of
 that many: the registers do not grow with k (k = 32768 at once spilled 9-16 KB). Across steps
 the forward carries online log-sum-exps for "renormalize" (two passes: normalisers, then the
-divergence) and, for P, the pair (m, o): the running max and the sum of exp(l - m) over all entries but
-one maximal one, so that the other entries never cancel against the 1 of the maximum.
+divergence) and, for P, the pair (m, o): the running max and the sum of exp(l - m) over all
+entries but one maximal one, so that the other entries never cancel against the 1 of the
+maximum.
 
 Stats saved per row (N, 4): lse(z), lse_s (lse(a) for "rest", lse over the top-k of a for
 "renormalize"), L ("rest"; JSD: log Q - log M, 0 where Q = 0) or lse_t = lse(l)
@@ -401,7 +402,7 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
                 *scalars, REST=not renormalize, SMOOTH=label_smoothing > 0,
                 UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v, z.device, z.element_size()),
                 BLOCK_K=_block_k(k),
-                num_warps=4,   # at 8 warps ptxas aims at 80 registers and spills (sm_90, sm_100)
+                num_warps=4, maxnreg=255,   # else ptxas aims at 128 registers and spills
                 **flags)
     return loss, ce, kl, ent, stats
 
@@ -414,7 +415,7 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
     if not n:
         return
     block = _block_v(v, z.device, z.element_size())
-    scalars, flags = divergence_args(beta)
+    scalars, flags = divergence_args(beta, hrm > 0)
     with _device_of(z):
         wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
