@@ -169,7 +169,8 @@ def get_lr(it, iters, lr):
 
 
 def peak_memory_mb(device):
-    """Peak allocated memory since the last reset (CUDA), or the process's peak RSS (CPU)."""
+    """CUDA: peak allocated memory since the last reset (train_student resets it every step).
+    CPU: the process's peak resident set since it started, not a per-step figure."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -327,15 +328,19 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-def plot_sweep(rows, hrms, path):
+def plot_sweep(rows, hrms, path, teacher_val_ce):
     """2 x len(hrms) grid: log KL (blue) on top, causal-LM loss (red) below, rows share y.
 
-    Lines are the training batches, dots the validation evaluations. A bare Figure (no pyplot)
-    needs no display and leaves no global state behind.
+    Lines are the training batches, dots the validation evaluations, the dashed line the
+    teacher's validation CE. Both losses are in nats (natural log); the top row plots log(KL).
+    A bare Figure (no pyplot) needs no display and leaves no global state behind.
     """
     fig = Figure(figsize=(4.2 * len(hrms), 6.4), layout="tight")
     axes = fig.subplots(2, len(hrms), sharey="row", squeeze=False)
+    axes[0, 0].set_ylabel("Log KL Loss: ln(KL), KL in nats")
+    axes[1, 0].set_ylabel("Causal LM Loss: CE (nats)")
     for col, hrm in enumerate(hrms):
+        axes[1, col].axhline(teacher_val_ce, color="gray", ls="--", lw=1, label="teacher val CE")
         run = [r for r in rows if r["hrm"] == hrm]
         evals = [r for r in run if r["val_ce"] != ""]
         for ax, key, val_key, color, title in [
@@ -352,6 +357,7 @@ def plot_sweep(rows, hrms, path):
             ax.set_xlabel("Iterations")
             ax.grid(alpha=0.3)
     axes[0, 0].legend()
+    axes[1, 0].legend()
     fig.savefig(path, dpi=110)
 
 
@@ -453,7 +459,7 @@ def main(argv=None):
                    args.out / f"student_hrm{hrm:g}.pt")
         rows += metrics
     write_csv(args.out / "metrics.csv", rows)
-    plot_sweep(rows, args.hrm, args.out / "hrm_sweep.png")
+    plot_sweep(rows, args.hrm, args.out / "hrm_sweep.png", teacher_val_ce)
     summary(rows, args.hrm, teacher_val_ce)
     if args.compare_loss:
         compare_losses(args, student_cfg, teacher, train, val, ctx)

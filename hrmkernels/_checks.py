@@ -31,7 +31,7 @@ def _real(name, value):
 
 
 def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta=None):
+                  jsd_beta=None, shift_labels=False):
     """Validate the scalar options shared by fused_hrm_loss and FusedHRMLoss."""
     if _real("hrm", hrm) < 0 or math.isinf(hrm):
         raise ValueError(f"hrm must be a finite float >= 0 (the weight of the KL term), got {hrm}")
@@ -45,6 +45,8 @@ def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl
     _choice("reduction", reduction, REDUCTIONS)
     _choice("kl_direction", kl_direction, KL_DIRECTIONS)
     _choice("backend", backend, BACKENDS)
+    if not isinstance(shift_labels, bool):
+        raise TypeError(f"shift_labels must be a bool, got {type(shift_labels).__name__}")
     if jsd_beta is not None:
         if not 0.0 <= _real("jsd_beta", jsd_beta) <= 1.0:
             raise ValueError(f"jsd_beta must lie in [0, 1] (TRL's beta: 0 is KL(teacher || student), "
@@ -92,9 +94,12 @@ def check_tensors(student_logits, teacher_logits, labels):
                          f"without its last dimension), got {tuple(labels.shape)}")
 
 
-def check_num_items(num_items_in_batch, device):
+def check_num_items(num_items_in_batch, device, reduction):
     if num_items_in_batch is None:
         return
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; with "
+                         f"reduction={reduction!r} it would be ignored: pass one or the other")
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
             raise ValueError("num_items_in_batch must be an int or a 0-d numeric tensor, got a tensor "

@@ -61,6 +61,9 @@ def available_backends(device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"available_backends({str(device)!r}): torch sees no CUDA device here "
+                         f"(torch {torch.__version__}), so no backend runs on CUDA tensors")
     return [name for name in _order(device) if _why_unavailable(name, device) is None]
 
 

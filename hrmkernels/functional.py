@@ -6,24 +6,25 @@ from hrmkernels._checks import (check_num_items, check_options, check_teacher_to
                                 divergence_beta)
 from hrmkernels.autograd import HRMLossFunction, HRMTopKLossFunction
 from hrmkernels.parallel import VocabParallelHRMLossFunction, shard_layout
-from hrmkernels.reference import HRMLoss
+from hrmkernels.reference import HRMLoss, mean_denominator
 
 
-def mean_denominator(labels, ignore_index, num_items_in_batch):
-    """max(n, 1): n non-ignored tokens, or num_items_in_batch; a device tensor, never read on
-    the host."""
-    if num_items_in_batch is None:
-        return (labels != ignore_index).sum().clamp_min(1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.clamp_min(1)
-    return max(int(num_items_in_batch), 1)
+def shift_for_next_token(labels, *logits):
+    """Unshifted (Hugging Face) labels -> the positions that predict them, as views:
+    labels[..., 1:] and each of `logits` (..., S, V) as [..., :-1, :]; None stays None."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 1 or any(
+            x is not None and x.dim() < 2 for x in logits):
+        raise ValueError("shift_labels=True needs a sequence dimension: logits (..., S, V) and "
+                         "labels (..., S)")
+    return (labels[..., 1:], *(x[..., :-1, :] if x is not None else None for x in logits))
 
 
 def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *,
                    teacher_topk=None, topk_mode="rest", temperature=1.0, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, kl_direction="forward",
-                   jsd_beta=None, num_items_in_batch=None, backend="auto", return_components=False,
-                   inplace_backward=False, process_group=None, vocab_start_index=None):
+                   jsd_beta=None, num_items_in_batch=None, shift_labels=False, backend="auto",
+                   return_components=False, inplace_backward=False, process_group=None,
+                   vocab_start_index=None):
     """Causal-LM cross-entropy plus hrm times a divergence to a teacher, in one fused pass.
 
     Per token: ``CE(z, y) + hrm * KL(softmax(u / T) || softmax(z / T))`` (``kl_direction=
@@ -35,7 +36,9 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         student_logits: (..., V) float32/bfloat16/float16, any strides with a unit last stride.
         teacher_logits: (..., V) same leading shape and V; gets a gradient only if it requires one.
             A padded teacher vocabulary is passed as the view ``teacher_logits[..., :V]``.
-        labels: (...) int64 or int32; ``ignore_index`` marks tokens that contribute nothing.
+        labels: (...) int64 or int32, the label of each position, i.e. already shifted as the
+            next token (``labels[..., i]`` is what ``logits[..., i, :]`` predicts); ``ignore_index``
+            marks tokens that contribute nothing. See ``shift_labels`` for Hugging Face labels.
         hrm: weight of the KL term, >= 0.
         teacher_topk: instead of teacher_logits, a sparse teacher ``(indices, logprobs)``, each
             (..., k): the teacher's top-k token ids (distinct, in [0, V)) and their
@@ -62,6 +65,17 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             the forward. Dense teachers only (no ``teacher_topk``, no ``process_group``).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
+        num_items_in_batch: the denominator of "mean" (int or 0-d tensor), for gradient
+            accumulation: the non-ignored tokens of every micro-batch of the optimizer step, as
+            transformers' Trainer counts them. Only with reduction="mean" (else ValueError). It
+            must be at least this call's own count of non-ignored tokens; a smaller value cannot
+            be such a count (it would silently scale the loss up), and makes the loss NaN (checked
+            on the device: no host synchronisation). 0 with every token ignored gives 0.
+        shift_labels: False (default): labels are aligned with the logits, as above. True:
+            labels are unshifted Hugging Face causal-LM labels (``model(input_ids, labels=...)``
+            style, usually the input ids with -100 on prompt and padding); the loss then compares
+            ``logits[..., :-1, :]`` (student and teacher, or the top-k tensors) with
+            ``labels[..., 1:]``, as views, and "none" returns shape ``labels[..., 1:]``.
         backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
             Top-k teachers run on "triton" and "torch".
         return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction;
@@ -89,7 +103,12 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         raise TypeError("fused_hrm_loss() needs exactly one teacher: teacher_logits or "
                         "teacher_topk")
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta)
+                  jsd_beta, shift_labels)
+    if shift_labels:
+        labels, student_logits, teacher_logits = shift_for_next_token(labels, student_logits,
+                                                                      teacher_logits)
+        if teacher_topk is not None and isinstance(teacher_topk, (tuple, list)):
+            teacher_topk = shift_for_next_token(labels, *teacher_topk)[1:]
     beta = divergence_beta(kl_direction, jsd_beta)
     options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta)
     if 0 < beta < 1 and (teacher_topk is not None or process_group is not None):
@@ -101,7 +120,7 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             student_logits, teacher_logits, process_group, start, v_total = shard_layout(
                 student_logits, teacher_logits, process_group, vocab_start_index)
         check_tensors(student_logits, teacher_logits, labels)
-        check_num_items(num_items_in_batch, student_logits.device)
+        check_num_items(num_items_in_batch, student_logits.device, reduction)
         impl = backends.resolve(backend, student_logits.device)
         args = (student_logits, teacher_logits, labels, *options, impl, bool(inplace_backward))
         out = (VocabParallelHRMLossFunction.apply(*args, process_group, start, v_total) if sharded
@@ -111,7 +130,7 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
                          "teacher is not sharded by vocabulary")
     else:
         check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
-        check_num_items(num_items_in_batch, student_logits.device)
+        check_num_items(num_items_in_batch, student_logits.device, reduction)
         impl = backends.resolve(backend, student_logits.device, topk=True)
         out = HRMTopKLossFunction.apply(student_logits, *teacher_topk, labels, *options,
                                         topk_mode == "renormalize", impl, bool(inplace_backward))

@@ -11,7 +11,7 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
                                 check_options, divergence_beta)
-from hrmkernels.functional import HRMLoss, mean_denominator
+from hrmkernels.functional import HRMLoss, mean_denominator, shift_for_next_token
 from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
 
 IMPLS = ("chunked", "fused")
@@ -152,7 +152,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
                           label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
-                          num_items_in_batch=None,
+                          num_items_in_batch=None, shift_labels=False,
                           backend="auto", return_components=False, inplace_backward=False,
                           impl="chunked", chunk_budget_bytes=None):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
@@ -170,6 +170,9 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
             num_items_in_batch, return_components: as in fused_hrm_loss (impl="fused" takes the
             KL only: jsd_beta 0 or 1).
+        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels and uses
+            the hidden states (and teacher logits) of positions [..., :-1, :] against
+            labels[..., 1:].
         backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
             "cuda", "torch"); impl="fused" takes only "auto" or "triton".
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
@@ -191,14 +194,17 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta)
+                  jsd_beta, shift_labels)
+    if shift_labels:
+        labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
+            labels, student_hidden, teacher_hidden, teacher_logits)
     check_linear_options(impl, chunk_budget_bytes, backend)
     beta = divergence_beta(kl_direction, jsd_beta)
     if impl == "fused" and 0 < beta < 1:
         raise ValueError("impl='fused' computes the KL only (jsd_beta 0 or 1); "
                          "impl='chunked' computes the JSD")
     device = student_hidden.device
-    check_num_items(num_items_in_batch, device)
+    check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
     if teacher_logits is None:
@@ -248,15 +254,17 @@ class FusedLinearHRMLoss(torch.nn.Module):
     """
 
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None, backend="auto",
-                 return_components=False, impl="chunked", chunk_budget_bytes=None):
+                 label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
+                 backend="auto", return_components=False, impl="chunked",
+                 chunk_budget_bytes=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-                      backend, jsd_beta)
+                      backend, jsd_beta, shift_labels)
         check_linear_options(impl, chunk_budget_bytes, backend)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
-                            kl_direction=kl_direction, jsd_beta=jsd_beta, backend=backend,
+                            kl_direction=kl_direction, jsd_beta=jsd_beta,
+                            shift_labels=shift_labels, backend=backend,
                             return_components=return_components, impl=impl,
                             chunk_budget_bytes=chunk_budget_bytes)
         self.hrm = hrm

@@ -20,16 +20,17 @@ class FusedHRMLoss(torch.nn.Module):
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, backend="auto",
                  return_components=False, inplace_backward=False, topk_mode="rest",
-                 process_group=None, vocab_start_index=None):
+                 shift_labels=False, process_group=None, vocab_start_index=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
-                      backend, jsd_beta)
+                      backend, jsd_beta, shift_labels)
         _choice("topk_mode", topk_mode, TOPK_MODES)
         self.hrm, self.temperature, self.kl_direction = hrm, temperature, kl_direction
         self.jsd_beta = jsd_beta
         self.reduction, self.label_smoothing, self.ignore_index = reduction, label_smoothing, ignore_index
         self.backend, self.return_components = backend, return_components
         self.inplace_backward, self.topk_mode = inplace_backward, topk_mode
+        self.shift_labels = shift_labels
         self.process_group, self.vocab_start_index = process_group, vocab_start_index
 
     def forward(self, student_logits, teacher_logits=None, labels=None, num_items_in_batch=None, *,
@@ -41,6 +42,7 @@ class FusedHRMLoss(torch.nn.Module):
             label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
             backend=self.backend, return_components=self.return_components,
             inplace_backward=self.inplace_backward, topk_mode=self.topk_mode,
+            shift_labels=self.shift_labels,
             process_group=self.process_group, vocab_start_index=self.vocab_start_index)
 
     def extra_repr(self):

@@ -99,7 +99,20 @@ def _entropy(log_q):
     return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
 
 
-def _finish(ce, kl, entropy, hrm, keep, reduction, num_items_in_batch, return_components):
+def mean_denominator(labels, ignore_index, num_items_in_batch):
+    """The denominator of reduction="mean", a 0-d device tensor never read on the host: max(n, 1)
+    for the n non-ignored tokens, or max(num_items_in_batch, 1). A num_items_in_batch below n
+    cannot count the tokens it covers (it would scale the loss up, or make 0 a sum): NaN then."""
+    n = (labels != ignore_index).sum()
+    if num_items_in_batch is None:
+        return n.clamp_min(1)
+    count = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
+             else max(int(num_items_in_batch), 1))
+    return torch.where(n > num_items_in_batch, float("nan"), count)
+
+
+def _finish(ce, kl, entropy, hrm, keep, labels, ignore_index, reduction, num_items_in_batch,
+            return_components):
     """token = CE + hrm * D, zeroed at ignored tokens, then reduced."""
     loss = ce + hrm * kl if hrm > 0 else ce   # hrm == 0 drops the KL term, even an infinite one
     zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
@@ -107,9 +120,8 @@ def _finish(ce, kl, entropy, hrm, keep, reduction, num_items_in_batch, return_co
     if reduction != "none":
         out = tuple(t.sum() for t in out)
         if reduction == "mean":
-            n = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-            denom = n.to(device=ce.device, dtype=ce.dtype).clamp_min(1)
-            out = tuple(t / denom for t in out)
+            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
+            out = tuple(t / denom.to(ce.dtype) for t in out)
     loss, ce, kl, entropy = out
     return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach()) if return_components else loss
 
@@ -126,7 +138,7 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
     check_tensors(student_logits, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch",
                   jsd_beta)
-    check_num_items(num_items_in_batch, student_logits.device)
+    check_num_items(num_items_in_batch, student_logits.device, reduction)
     dtype = _compute_dtype(student_logits, teacher_logits)
     keep = labels != ignore_index
     z, u = (_ignored_rows_zero(x.to(dtype), keep) for x in (student_logits, teacher_logits))
@@ -134,8 +146,8 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
     log_q = torch.log_softmax(z / temperature, dim=-1)
     log_p = torch.log_softmax(u / temperature, dim=-1)
     kl = _divergence(log_p, log_q, divergence_beta(kl_direction, jsd_beta))
-    return _finish(ce, kl, _entropy(log_q), hrm, keep, reduction, num_items_in_batch,
-                   return_components)
+    return _finish(ce, kl, _entropy(log_q), hrm, keep, labels, ignore_index, reduction,
+                   num_items_in_batch, return_components)
 
 
 def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_mode="rest",
@@ -148,7 +160,7 @@ def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_m
     """
     check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch")
-    check_num_items(num_items_in_batch, student_logits.device)
+    check_num_items(num_items_in_batch, student_logits.device, reduction)
     idx, logp = teacher_topk
     dtype = _compute_dtype(student_logits, logp)
     keep = labels != ignore_index
@@ -172,4 +184,4 @@ def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_m
         log_q = torch.cat([log_q_top, log_rest_q], -1)
     kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
     return _finish(ce, kl, _entropy(torch.log_softmax(z / temperature, dim=-1)), hrm, keep,
-                   reduction, num_items_in_batch, return_components)
+                   labels, ignore_index, reduction, num_items_in_batch, return_components)

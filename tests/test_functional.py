@@ -90,11 +90,11 @@ def test_hrm_loss_auto_backend_runs():
 
 def test_fused_hrm_loss_module_matches_functional():
     z, u, y = _inputs(v=33)
-    kw = dict(temperature=2.0, label_smoothing=0.1, kl_direction="reverse", reduction="sum")
+    kw = dict(temperature=2.0, label_smoothing=0.1, kl_direction="reverse")
     module = FusedHRMLoss(0.5, return_components=True, **kw)
-    out = module(z, u, y, num_items_in_batch=3)
+    out = module(z, u, y, num_items_in_batch=7)
     assert isinstance(out, HRMLoss) and not out.ce.requires_grad
-    torch.testing.assert_close(out.loss, fused_hrm_loss(z, u, y, 0.5, **kw))
+    torch.testing.assert_close(out.loss, fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=7, **kw))
     assert "hrm=0.5" in repr(module) and "reverse" in repr(module)
     with pytest.raises(ValueError, match="temperature"):
         FusedHRMLoss(0.5, temperature=-1.0)
@@ -116,3 +116,43 @@ def test_public_api_is_exactly_the_design():
     assert set(hrmkernels.__all__) == {"FusedHRMLoss", "HRMLoss", "available_backends", "fused_hrm_loss",
                                        "FusedLinearHRMLoss", "fused_linear_hrm_loss"}
     assert all(hasattr(hrmkernels, name) for name in hrmkernels.__all__)
+
+
+def test_hrm_loss_shift_labels_takes_hugging_face_labels():
+    z, u = torch.randn(2, 7, 30, device=DEVICE), torch.randn(2, 7, 30, device=DEVICE)
+    y = torch.randint(0, 30, (2, 7), device=DEVICE)
+    y[0, :3] = -100                                   # a prompt
+    kw = dict(temperature=2.0, reduction="none")
+    expected = fused_hrm_loss(z[:, :-1], u[:, :-1], y[:, 1:], 0.5, **kw)
+    torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5, shift_labels=True, **kw), expected)
+    torch.testing.assert_close(FusedHRMLoss(0.5, shift_labels=True, **kw)(z, u, y), expected)
+    lp, idx = torch.log_softmax(u, -1).topk(4, -1)
+    torch.testing.assert_close(
+        fused_hrm_loss(z, labels=y, hrm=0.5, teacher_topk=(idx, lp), shift_labels=True, **kw),
+        fused_hrm_loss(z[:, :-1], labels=y[:, 1:], hrm=0.5, teacher_topk=(idx[:, :-1], lp[:, :-1]),
+                       **kw))
+    with pytest.raises(ValueError, match="shift_labels=True needs a sequence dimension"):
+        fused_hrm_loss(z[0, 0], u[0, 0], y[0, 0], 0.5, shift_labels=True)
+    with pytest.raises(TypeError, match="shift_labels must be a bool"):
+        fused_hrm_loss(z, u, y, 0.5, shift_labels=1)
+
+
+def test_hrm_loss_num_items_in_batch_has_one_meaning():
+    z, u, y = _inputs(n=6)
+    y[:2] = -100                                      # 4 tokens count
+    with pytest.raises(ValueError, match="denominator of reduction='mean'"):
+        fused_hrm_loss(z, u, y, 0.5, reduction="sum", num_items_in_batch=8)
+    s = fused_hrm_loss(z, u, y, 0.5, reduction="sum")
+    torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=8), s / 8)
+    torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=4), s / 4)
+    # fewer than this batch's own tokens cannot be their count: NaN, not a silent rescale
+    for count in (0, 3, torch.tensor(3)):
+        assert torch.isnan(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=count))
+    y[:] = -100                                       # nothing counts: 0, never NaN
+    assert fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=0).item() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_available_backends_for_cuda_without_cuda_says_why():
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        available_backends("cuda")

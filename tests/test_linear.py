@@ -106,7 +106,7 @@ def _call(c, leaves, y, **kw):
         teacher = dict(teacher_logits=g("u")[..., :v])
     num_items = c["num_items"]
     if num_items == "tensor":
-        num_items = torch.tensor(4, device=DEVICE)
+        num_items = torch.tensor(13, device=DEVICE)
     return fused_linear_hrm_loss(
         _hidden(c, g("xs")), g("ws"), xt, wt, y, c["hrm"], student_bias=g("bs"), **teacher,
         temperature=c["t"], label_smoothing=c["eps"], kl_direction=c["direction"],
@@ -124,7 +124,7 @@ def _reference(c, leaves, y):
         u = r["u"][..., :v]
     num_items = c["num_items"]
     if num_items == "tensor":
-        num_items = torch.tensor(4, device=DEVICE)
+        num_items = torch.tensor(13, device=DEVICE)
     out = hrm_loss_reference(z, u, y, c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
                              kl_direction=c["direction"], reduction=c["reduction"],
                              num_items_in_batch=num_items, return_components=True)
@@ -315,3 +315,13 @@ def test_linear_hrm_loss_full_size_cuda(impl):
     _close("loss", loss, ref.detach(), 1e-4)
     _close("d xs", gx, ref_g[0], TOL[torch.bfloat16])
     _close("d ws", gw, ref_g[1], TOL[torch.bfloat16])
+
+
+def test_linear_hrm_loss_shift_labels_takes_hugging_face_labels():
+    xs, xt = torch.randn(2, 6, 8, device=DEVICE), torch.randn(2, 6, 5, device=DEVICE)
+    ws, wt = torch.randn(30, 8, device=DEVICE), torch.randn(30, 5, device=DEVICE)
+    y = torch.randint(0, 30, (2, 6), device=DEVICE)
+    kw = dict(temperature=2.0, reduction="none")
+    expected = fused_linear_hrm_loss(xs[:, :-1], ws, xt[:, :-1], wt, y[:, 1:], 0.5, **kw)
+    torch.testing.assert_close(fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, shift_labels=True, **kw),
+                               expected)

@@ -258,9 +258,9 @@ def test_fused_hrm_loss_module_takes_a_topk_teacher():
     lp, idx = torch.log_softmax(u, -1).topk(5, -1)
     module = FusedHRMLoss(0.5, topk_mode="renormalize", kl_direction="reverse")
     torch.testing.assert_close(
-        module(z, labels=y, teacher_topk=(idx, lp), num_items_in_batch=4),
+        module(z, labels=y, teacher_topk=(idx, lp), num_items_in_batch=9),
         fused_hrm_loss(z, labels=y, hrm=0.5, teacher_topk=(idx, lp), topk_mode="renormalize",
-                       kl_direction="reverse", num_items_in_batch=4))
+                       kl_direction="reverse", num_items_in_batch=9))
     torch.testing.assert_close(module(z, u, y), hrm_loss_reference(z, u, y, 0.5, kl_direction="reverse"))
     with pytest.raises(ValueError, match="topk_mode"):
         FusedHRMLoss(0.5, topk_mode="bucket")
