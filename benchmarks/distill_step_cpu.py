@@ -272,8 +272,8 @@ def _compare(results, against="hrmkernels-logits"):
     if ref is None:
         return
     for r in results:
-        if "grads" not in r:
-            continue
+        if "grads" not in r or r.get("n_tokens") != ref.get("n_tokens"):
+            continue   # another batch: nothing to compare with
         loss = r.get("loss_minus_hrm_teacher_entropy", r["loss"])
         r["loss_rel_diff"] = abs(loss - ref["loss"]) / abs(ref["loss"])
         r["grad_rel_diff"] = max(
@@ -285,21 +285,23 @@ def table(result):
     """The markdown table of a result dict."""
     rows = result["results"]
     base = next((r for r in rows if r["provider"] == "hrmkernels-logits" and "step_s" in r), None)
-    lines = ["| provider | peak extra memory | vs logits path | step time | loss | "
+    lines = ["| provider | N | peak extra memory | vs logits path | step time | loss | "
              "max rel. diff from logits path (loss, gradients) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        n = r.get("n_tokens", "")
         if "step_s" not in r:
-            lines.append(f"| {r['provider']} | {r.get('status', 'failed')}: "
+            lines.append(f"| {r['provider']} | {n} | {r.get('status', 'failed')}: "
                          f"{r.get('reason', '')[:120]} | | | | |")
             continue
-        ratio = (f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x" if base else "")
+        same_n = base and base.get("n_tokens") == r.get("n_tokens")
+        ratio = f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x" if same_n else ""
         loss = f"{r['loss']:.5f}"
         if "loss_minus_hrm_teacher_entropy" in r:
             loss += f" (- hrm H(p): {r['loss_minus_hrm_teacher_entropy']:.5f})"
         diff = (f"{r['loss_rel_diff']:.1e}, {r['grad_rel_diff']:.1e}"
                 if "grad_rel_diff" in r else "")
-        lines.append(f"| {r['provider']} | {r['peak_extra_bytes'] / 2**30:.2f} GiB | {ratio} | "
+        lines.append(f"| {r['provider']} | {n} | {r['peak_extra_bytes'] / 2**30:.2f} GiB | {ratio} | "
                      f"{r['step_s']:.2f} s | {loss} | {diff} |")
     return "\n".join(lines)
 
@@ -308,6 +310,9 @@ def main(argv=None):
     """Command-line entry point; see ``python -m benchmarks.distill_step_cpu --help``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4096, help="predicted tokens (default 4096)")
+    p.add_argument("--reference-n", type=int,
+                   help="tokens for hf-reference (default --n; its fp32 temporaries take about "
+                        "5.5 MB a token at this V: 22 GiB at N = 4096)")
     p.add_argument("--rows", type=int, default=4, help="sequences (default 4: 4 x 1025 tokens)")
     p.add_argument("--repeats", type=int, default=3, help="measured steps after a warm-up")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
@@ -339,8 +344,9 @@ def main(argv=None):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     for name in args.providers:   # one process at a time: each peak is measured alone
+        n = args.reference_n if name == "hf-reference" and args.reference_n else args.n
         cmd = [sys.executable, "-m", "benchmarks.distill_step_cpu", "--child", name,
-               "--n", str(args.n), "--rows", str(args.rows), "--repeats", str(args.repeats),
+               "--n", str(n), "--rows", str(args.rows), "--repeats", str(args.repeats),
                "--chunk-rows", str(args.chunk_rows)]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -351,6 +357,7 @@ def main(argv=None):
                    "reason": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
         else:
             row = json.loads(line[len("RESULT "):])
+        row["n_tokens"] = n
         row["process_s"] = round(time.time() - t0, 1)
         result["results"].append(row)
         print(f"{name}: " + (f"{row['peak_extra_bytes'] / 2**30:.2f} GiB, {row['step_s']:.2f} s"

@@ -47,7 +47,9 @@ def test_table_marks_a_failed_provider_and_ratios():
             {"provider": "hrmkernels-fused-linear", "peak_extra_bytes": 2 ** 29, "step_s": 1.0,
              "loss": 1.0, "grads": {"head": {"norm": 1.0, "dot": 2.0}}},
             {"provider": "liger", "status": "error", "reason": "MemoryError"}]
+    for r in rows:
+        r["n_tokens"] = 64
     bench._compare(rows)
     text = bench.table({"results": rows})
-    assert "| hrmkernels-fused-linear | 0.50 GiB | 0.25x | 1.00 s |" in text
-    assert "| liger | error: MemoryError |" in text
+    assert "| hrmkernels-fused-linear | 64 | 0.50 GiB | 0.25x | 1.00 s |" in text
+    assert "| liger | 64 | error: MemoryError |" in text
