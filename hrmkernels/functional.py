@@ -36,6 +36,8 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         student_logits: (..., V) float32/bfloat16/float16, any strides with a unit last stride.
         teacher_logits: (..., V) same leading shape and V; gets a gradient only if it requires one.
             A padded teacher vocabulary is passed as the view ``teacher_logits[..., :V]``.
+            None with hrm=0 (and no teacher_topk): the fused cross-entropy alone; the reported
+            divergence is 0 (the forward spends one more exp per element on it, no memory).
         labels: (...) int64 or int32, the label of each position, i.e. already shifted as the
             next token (``labels[..., i]`` is what ``logits[..., i, :]`` predicts); ``ignore_index``
             marks tokens that contribute nothing. See ``shift_labels`` for Hugging Face labels.
@@ -62,7 +64,9 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             ``m = beta p + (1 - beta) q``, p the teacher's and q the student's distribution.
             As in TRL and Liger, beta = 0 is exactly KL(p || q) and beta = 1 exactly KL(q || p)
             (the formula itself tends to 0 at both ends). Costs one more read of both logits in
-            the forward. Dense teachers only (no ``teacher_topk``, no ``process_group``).
+            the forward. With ``teacher_topk``, the JSD between the two distributions over the
+            k + 1 ("rest") or k ("renormalize") outcomes. Not with ``process_group``
+            (the KLs are: jsd_beta 0 or 1).
         reduction: "mean" (sum / number of non-ignored tokens, or / ``num_items_in_batch``),
             "sum", or "none" (a float32 tensor shaped like labels, 0 at ignored tokens).
         num_items_in_batch: the denominator of "mean" (int or 0-d tensor), for gradient
@@ -99,9 +103,17 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         raise TypeError("fused_hrm_loss() is missing labels")
     if hrm is None:
         raise TypeError("fused_hrm_loss() is missing hrm (the weight of the KL term)")
-    if (teacher_logits is None) == (teacher_topk is None):
-        raise TypeError("fused_hrm_loss() needs exactly one teacher: teacher_logits or "
-                        "teacher_topk")
+    if teacher_logits is not None and teacher_topk is not None:
+        raise TypeError("fused_hrm_loss() takes one teacher: teacher_logits or teacher_topk")
+    if teacher_logits is None and teacher_topk is None:
+        if isinstance(hrm, (int, float)) and hrm != 0:
+            raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but neither "
+                             "teacher_logits nor teacher_topk was given (hrm=0 without a teacher "
+                             "is the fused cross-entropy)")
+        # The fused cross-entropy: the student's own logits stand in for the teacher (the same
+        # memory, no second tensor; D = 0 exactly, and the backward never reads them at hrm = 0).
+        teacher_logits = student_logits.detach() if isinstance(student_logits,
+                                                               torch.Tensor) else student_logits
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta, shift_labels)
     if shift_labels:
@@ -111,10 +123,10 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             teacher_topk = shift_for_next_token(labels, *teacher_topk)[1:]
     beta = divergence_beta(kl_direction, jsd_beta)
     options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta)
-    if 0 < beta < 1 and (teacher_topk is not None or process_group is not None):
-        raise ValueError("jsd_beta strictly between 0 and 1 needs dense teacher_logits on one "
-                         "device (no teacher_topk, no process_group); 0 and 1 are the KLs")
     sharded = process_group is not None or hasattr(student_logits, "to_local")   # or a DTensor
+    if 0 < beta < 1 and sharded:
+        raise ValueError("jsd_beta strictly between 0 and 1 needs the whole vocabulary on one "
+                         "device (no process_group, no DTensor logits); 0 and 1 are the KLs")
     if teacher_topk is None:
         if sharded:
             student_logits, teacher_logits, process_group, start, v_total = shard_layout(

@@ -42,13 +42,23 @@ CASES = [
     dict(dtype="bfloat16", kl_direction="reverse", temperature=1.0, topk=128,
          topk_mode="renormalize"),
     dict(dtype="bfloat16", temperature=2.0, teacher_grad=True, n=2**31 // V + 64, tail=4),
+    dict(dtype="bfloat16", jsd_beta=0.5, temperature=2.0, teacher_grad=True,
+         backends=("triton", "torch")),
+    dict(dtype="float32", jsd_beta=0.1, temperature=1.0, label_smoothing=0.1, reduction="mean",
+         backends=("triton", "torch")),
+    dict(dtype="bfloat16", jsd_beta=0.5, temperature=2.0, topk=128, backends=("triton", "torch")),
 ]
 # fused_linear_hrm_loss from hidden states (n x h) and heads (v x h), reduction "mean"; the same
 # keys, h the width (default H).
 LINEAR_CASES = [
     dict(impl="chunked", dtype="bfloat16", temperature=2.0),
     dict(impl="fused", dtype="bfloat16", kl_direction="reverse", backends=("triton",)),
+    dict(impl="fused", dtype="bfloat16", jsd_beta=0.5, student_logit_scale=2.0,
+         student_softcap=5.0, teacher_softcap=6.0, backends=("triton",)),
+    dict(impl="chunked", dtype="bfloat16", jsd_beta=0.5, student_logit_scale=2.0,
+         student_softcap=5.0, teacher_softcap=6.0, backends=("triton", "torch")),
 ]
+TRANSFORMS = ("student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap")
 PROBLEM_KEYS = ("dtype", "n", "v", "h", "teacher_grad", "topk", "tail", "backends")
 DRY = dict(n=16, v=301, h=24, topk=8)   # dry-run sizes: V=301 fits no vector width or block
 HALF = (torch.bfloat16, torch.float16)
@@ -189,11 +199,19 @@ def linear_problem(case, device, seed, dry=False):
     xt, wt = rand(n, h), rand(v, h, scale=3 / h**0.5)
     y = _labels(n, v, gen, device)
     denom = (y != -100).sum().clamp_min(1).double() if kw["reduction"] == "mean" else 1.0
-    ref_kw = {k: x for k, x in kw.items() if k not in ("impl", "chunk_budget_bytes")}
+    ref_kw = {k: x for k, x in kw.items()
+              if k not in ("impl", "chunk_budget_bytes", *TRANSFORMS)}
     r64 = [x.double().requires_grad_(i < 2) for i, x in enumerate((xs, ws, xt, wt))]
+
+    def transformed(x, who):   # the head's logit scale, then its softcap (TRL's order)
+        x = x * kw.get(f"{who}_logit_scale", 1.0)
+        cap = kw.get(f"{who}_softcap")
+        return x if cap is None else cap * torch.tanh(x / cap)
+
     loss = 0.0
     for r in _chunks(slice(0, n), v):
-        rows = hrm_loss_reference(r64[0][r] @ r64[1].T, r64[2][r] @ r64[3].T, y[r],
+        rows = hrm_loss_reference(transformed(r64[0][r] @ r64[1].T, "student"),
+                                  transformed(r64[2][r] @ r64[3].T, "teacher"), y[r],
                                   **{**ref_kw, "reduction": "none"})
         (rows.sum() * 1.7 / denom).backward()
         loss = loss + rows.detach().sum() / denom

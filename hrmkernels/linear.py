@@ -4,7 +4,8 @@ The loss of fused_hrm_loss on the logits ``hidden @ weight.T + bias`` of student
 without materialising the N x V logits: impl="chunked" (stage 1) bounds them to a chunk of
 tokens, impl="fused" (stage 2, Triton) keeps them on chip. See linear_autograd.py.
 """
-from numbers import Integral
+import math
+from numbers import Integral, Real
 
 import torch
 
@@ -92,6 +93,8 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
         if teacher_logits.shape[:-1] != lead:
             raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} "
                              f"must equal student_hidden leading shape {tuple(lead)}")
+    elif teacher_hidden is None and teacher_weight is None and teacher_bias is None:
+        pass   # no teacher: the fused cross-entropy (fused_linear_hrm_loss checks hrm == 0)
     elif teacher_hidden is None or teacher_weight is None:
         missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
         raise ValueError(f"{missing} is None: pass teacher_hidden and teacher_weight, or "
@@ -107,6 +110,32 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
     if labels.shape != lead:
         raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its last "
                          f"dimension), got {tuple(labels.shape)}")
+
+
+def _positive(name, value, optional):
+    """A positive finite Python float (or None when `optional`), named in the error."""
+    if optional and value is None:
+        return None
+    what = "a positive finite float" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return float(value)
+
+
+def logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+                     teacher_logits=None):
+    """Validated ((scale, softcap), (scale, softcap)) of the student and teacher heads."""
+    transforms = ((_positive("student_logit_scale", student_logit_scale, False),
+                   _positive("student_softcap", student_softcap, True)),
+                  (_positive("teacher_logit_scale", teacher_logit_scale, False),
+                   _positive("teacher_softcap", teacher_softcap, True)))
+    if teacher_logits is not None and transforms[1] != (1.0, None):
+        raise ValueError("teacher_logit_scale and teacher_softcap transform the teacher head's "
+                         "logits; teacher_logits are used as given (transform them before passing "
+                         "them, or pass teacher_hidden and teacher_weight)")
+    return transforms
 
 
 def check_linear_options(impl, chunk_budget_bytes, backend):
@@ -152,27 +181,37 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
                           label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
-                          num_items_in_batch=None, shift_labels=False,
+                          num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
+                          teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
                           impl="chunked", chunk_budget_bytes=None):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
 
     Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
-    ``student_hidden @ student_weight.T + student_bias`` and the teacher's likewise.
+    ``student_hidden @ student_weight.T + student_bias`` and the teacher's likewise, each
+    transformed by its model's logit scale and softcap first (TRL's order):
+    ``softcap * tanh(scale * logits / softcap)``, or ``scale * logits`` without a softcap.
 
     Args:
         student_hidden: (..., Hs) float; student_weight: (V, Hs) same dtype; student_bias: (V,).
         teacher_hidden: (..., Ht), same leading shape (Ht may differ from Hs);
             teacher_weight: (V, Ht), the same V (a padded teacher vocabulary is passed as the
             view ``teacher_weight[:V]``); teacher_bias: (V,). Pass both as None and
-            ``teacher_logits=`` (..., V) to use precomputed teacher logits instead.
+            ``teacher_logits=`` (..., V) to use precomputed teacher logits instead, or no teacher
+            at all with hrm=0: the fused linear cross-entropy (the reported divergence is 0).
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
-            num_items_in_batch, return_components: as in fused_hrm_loss (impl="fused" takes the
-            KL only: jsd_beta 0 or 1).
+            num_items_in_batch, return_components: as in fused_hrm_loss.
         shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels and uses
             the hidden states (and teacher logits) of positions [..., :-1, :] against
             labels[..., 1:].
+        student_logit_scale, teacher_logit_scale: positive floats (default 1.0) multiplying each
+            model's logits (Cohere's ``logit_scale``; ``1 / logits_scaling`` for HyperCLOVA X).
+        student_softcap, teacher_softcap: None (default) or a positive float c: the logits become
+            ``c * tanh(logits / c)`` after the scale (Gemma's ``final_logit_softcapping``).
+            CE sees the transformed student logits; the divergence sees them divided by T.
+            Precomputed ``teacher_logits`` are used as given (the teacher keywords must then
+            keep their defaults).
         backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
             "cuda", "torch"); impl="fused" takes only "auto" or "triton".
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
@@ -195,26 +234,33 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                         teacher_weight, teacher_bias, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta, shift_labels)
+    teacherless = teacher_hidden is None and teacher_logits is None
+    if teacherless and hrm != 0:
+        raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
+                         "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
+                         "without a teacher is the fused linear cross-entropy)")
     if shift_labels:
         labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
             labels, student_hidden, teacher_hidden, teacher_logits)
     check_linear_options(impl, chunk_budget_bytes, backend)
+    transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
+                                  teacher_softcap, teacher_logits)
     beta = divergence_beta(kl_direction, jsd_beta)
-    if impl == "fused" and 0 < beta < 1:
-        raise ValueError("impl='fused' computes the KL only (jsd_beta 0 or 1); "
-                         "impl='chunked' computes the JSD")
     device = student_hidden.device
     check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
-    if teacher_logits is None:
+    if teacherless:
+        heads += [None, None, None, None]
+    elif teacher_logits is None:
         heads += [_rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
                   None]
     else:
         heads += [None, None, None, _rows(teacher_logits, v)]
     y = labels.reshape(-1).contiguous()   # the kernels read labels densely
+    # with_kl: report the divergence even at hrm == 0 (needs the teacher; 0 without one)
     options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta,
-               bool(return_components))
+               bool(return_components) and not teacherless)
     denom = None
     if reduction == "mean":
         denom = mean_denominator(labels, ignore_index, num_items_in_batch)
@@ -223,7 +269,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     grad_enabled = torch.is_grad_enabled()
     if impl == "chunked":
         budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
-        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options,
+        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms,
                                              backends.resolve(backend, device), budget,
                                              grad_enabled)
     else:
@@ -231,16 +277,15 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         # The kernels address weights by row stride and biases densely.
         heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
         heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
-        out = FusedLinearHRMFunction.apply(*heads, y, options, kernels)
+        out = FusedLinearHRMFunction.apply(*heads, y, options, transforms, kernels)
         if denom is not None:
             out = [t.sum() / denom for t in out]
-        out = [*out, None]   # the fused kernels do not compute the entropy yet
     if reduction == "none":
-        out = [t.view(labels.shape) if t is not None else None for t in out]
+        out = [t.view(labels.shape) for t in out]
     loss, ce, kl, entropy = out
     if not return_components:
         return loss
-    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach() if entropy is not None else None)
+    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach())
 
 
 class FusedLinearHRMLoss(torch.nn.Module):
@@ -255,17 +300,22 @@ class FusedLinearHRMLoss(torch.nn.Module):
 
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
-                 backend="auto", return_components=False, impl="chunked",
+                 student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+                 teacher_softcap=None, backend="auto", return_components=False, impl="chunked",
                  chunk_budget_bytes=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
                       backend, jsd_beta, shift_labels)
         check_linear_options(impl, chunk_budget_bytes, backend)
+        logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
+                         teacher_softcap)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
                             kl_direction=kl_direction, jsd_beta=jsd_beta,
-                            shift_labels=shift_labels, backend=backend,
-                            return_components=return_components, impl=impl,
+                            shift_labels=shift_labels, student_logit_scale=student_logit_scale,
+                            teacher_logit_scale=teacher_logit_scale,
+                            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                            backend=backend, return_components=return_components, impl=impl,
                             chunk_budget_bytes=chunk_budget_bytes)
         self.hrm = hrm
 

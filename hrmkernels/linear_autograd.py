@@ -5,7 +5,13 @@ or None; teacher xt (N, Ht), wt (V, Ht), bt (V,) or None, or instead precomputed
 logits u (N, V) (then xt = wt = bt = None); labels (N,). `options` is the tuple
 (hrm, temperature, label_smoothing, ignore_index, beta, with_kl): beta chooses the divergence
 (kernels/__init__.py); with_kl asks for it even at hrm == 0, where the teacher is otherwise
-never computed.
+never computed. `transforms` is ((scale, softcap), (scale, softcap)) for the student and the
+teacher head, in TRL's order (softcap None: no tanh), before / T:
+
+    logits = c tanh(s x / c)     d logits / d x = s (1 - (logits / c)^2)
+    logits = s x                 d logits / d x = s                      (no softcap)
+
+with x = hidden @ W^T + b; CE sees these logits. Precomputed teacher logits are used as given.
 
 Stage 1 (ChunkedLinearHRMFunction). Token chunks of `rows` rows: logits = x @ W^T (+ b) with
 torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the head gradients
@@ -13,11 +19,12 @@ torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the he
     d x = dz W,    d W += dz^T x,    d b += sum_rows dz
 
 with dz written by the backward launcher over the chunk's own logits (in place). Precision:
-the chunk logits are fp32, the GEMM's fp32 accumulator unrounded. Liger's fused linear JSD
-rounds the bf16 GEMM output to bf16 first (Liger #1432: 4-23% gradient error; a logit of 20 in
-bf16 is off by up to 0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk
-logit, which chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=),
-probed once; a torch without it falls back to bf16-rounded logits. dz is rounded once to the
+the chunk logits are fp32, the GEMM's fp32 accumulator unrounded, and so is the transform.
+Rounding the bf16 GEMM output to bf16 first costs 4-23% of gradient error (Liger #1432, fixed in
+Liger 0.8.5 the same way: an fp32-output GEMM on CUDA; a logit of 20 in bf16 is off by up to
+0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk logit, which
+chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=), probed once; a
+torch without it falls back to bf16-rounded logits. dz is rounded once to the
 weight's dtype for the two gradient GEMMs (as autograd through a bf16 lm_head would), and d W
 accumulates across chunks in fp32 (Liger #512/#827: bf16 accumulation diverges), rounded to the
 weight's dtype at the end.
@@ -82,22 +89,45 @@ def _add_weight_grad(gw, d, x):
         gw.add_(d.T @ x)
 
 
-def chunk_rows(n, v, budget, xs, ws, xt, u, teacher_grad):
+def chunk_rows(n, v, budget, xs, ws, xt, u, teacher_grad, softcap_grad=False):
     """Rows per chunk so that the chunk temporaries stay under `budget` bytes, chunks balanced.
 
     Per row: the student logits (V in acc dtype, overwritten by dz), dz rounded to the weight's
-    dtype, the teacher logits when computed here, and du when the teacher wants a gradient. Not
+    dtype, the teacher logits when computed here, du when the teacher wants a gradient, and
+    the student softcap's derivative (V in acc dtype) when `softcap_grad` (the teacher's is
+    formed in place of its logits, which du no longer needs). Not
     counted: the outputs (d hidden, the fp32 d W accumulator of V x H x 4 bytes) and the loss
     launchers' own bounded temporaries (the torch backend works in 8 MB pieces).
     """
-    row = v * acc_dtype(xs.dtype).itemsize
+    row = v * acc_dtype(xs.dtype).itemsize * (2 if softcap_grad else 1)
     row += v * ws.element_size() if ws.dtype != acc_dtype(ws.dtype) else 0
-    if u is None:
+    if u is None and xt is not None:   # teacher logits computed here (none without a teacher)
         t = acc_dtype(xt.dtype).itemsize
         row += v * t * (2 if teacher_grad else 1) + (v * xt.element_size() if teacher_grad else 0)
     rows = max(1, min(n, budget // row))
     chunks = -(-n // rows) if n else 1
     return max(1, -(-n // chunks))
+
+
+def _transform(z, scale, cap):
+    """z (acc dtype) in place: cap tanh(scale z / cap) with a softcap, else scale z."""
+    if cap is not None:
+        return z.mul_(scale / cap).tanh_().mul_(cap)
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+def _softcap_grad(logits, scale, cap, inplace=False):
+    """d logits / d x of a softcapped _transform, from its output: scale (1 - (logits / cap)^2);
+    a new tensor, or `logits` itself overwritten when `inplace`."""
+    t = logits.div_(cap) if inplace else logits.div(cap)
+    return t.square_().neg_().add_(1.0).mul_(scale)
+
+
+def _chain(d, scale, cap, softcap_grad):
+    """d *= d logits / d x in place (softcap_grad: _softcap_grad's tensor, or None if no cap)."""
+    if cap is not None:
+        return d.mul_(softcap_grad)
+    return d.mul_(scale) if scale != 1.0 else d
 
 
 def _head_grads(d, x, w, gx, gw, gb):
@@ -112,7 +142,8 @@ def _head_grads(d, x, w, gx, gw, gb):
         gb += d.sum(0)
 
 
-def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(False,) * 7):
+def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=None,
+           want=(False,) * 7):
     """One pass over the token chunks.
 
     stats None: run the forward launcher; returns per-row loss, ce, kl, entropy and the launcher's
@@ -123,6 +154,7 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
     """
     xs, ws, bs, xt, wt, bt = heads
     hrm, temperature, eps, ignore_index, beta, with_kl = options
+    (s_scale, s_cap), (t_scale, t_cap) = transforms
     n = labels.numel()
     like = (xs, ws, bs, xt, wt, bt, u)
     grads = [None] * 7
@@ -141,13 +173,13 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
         z = uc = du = None
         r1 = min(n, r0 + rows)
         y = labels[r0:r1]
-        z = _logits(xs[r0:r1], ws, bs)
+        z = _transform(_logits(xs[r0:r1], ws, bs), s_scale, s_cap)
         if not need_teacher:
             uc = z   # hrm == 0: the launchers never read the teacher's gradient terms
         elif u is not None:
             uc = u[r0:r1]
         else:
-            uc = _logits(xt[r0:r1], wt, bt)
+            uc = _transform(_logits(xt[r0:r1], wt, bt), t_scale, t_cap)
         if stats is None:
             out = impl.hrm_loss_fwd(z[None], uc[None], y, hrm, temperature, eps, ignore_index, beta)
             outs.append(out)
@@ -159,14 +191,19 @@ def _sweep(heads, u, labels, options, impl, rows, stats=None, grad=None, want=(F
         du = None
         if teacher_grad:
             du = grads[6][r0:r1] if u is not None else torch.empty_like(uc)
+        student_grad = any(want[:3])
+        # The softcap's derivative needs the logits that dz is about to overwrite: a buffer.
+        dcap_s = _softcap_grad(z, s_scale, s_cap) if s_cap is not None and student_grad else None
         # dz overwrites z in place (the launchers' contract allows it): no second chunk buffer.
         impl.hrm_loss_bwd(z[None], uc[None], y, st, grad[r0:r1], hrm, temperature, eps,
                           ignore_index, beta, z[None], du[None] if du is not None else None)
-        _head_grads(z, xs[r0:r1], ws, grads[0] if grads[0] is None else grads[0][r0:r1],
-                    grads[1], grads[2])
-        if du is not None and u is None:
-            _head_grads(du, xt[r0:r1], wt, grads[3] if grads[3] is None else grads[3][r0:r1],
-                        grads[4], grads[5])
+        if student_grad:
+            _head_grads(_chain(z, s_scale, s_cap, dcap_s), xs[r0:r1], ws,
+                        grads[0] if grads[0] is None else grads[0][r0:r1], grads[1], grads[2])
+        if du is not None and u is None:   # uc, read by the launcher, becomes the derivative
+            dcap_t = _softcap_grad(uc, t_scale, t_cap, inplace=True) if t_cap is not None else None
+            _head_grads(_chain(du, t_scale, t_cap, dcap_t), xt[r0:r1], wt,
+                        grads[3] if grads[3] is None else grads[3][r0:r1], grads[4], grads[5])
     if hrm == 0:   # the teacher's gradient is exactly 0
         grads[3:] = [g.zero_() if g is not None else None for g in grads[3:]]
     if stats is not None:
@@ -198,27 +235,31 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
     has a gradient."""
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, impl, budget,
-                grad_enabled):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, transforms, impl,
+                budget, grad_enabled):
         with _no_autocast(xs):
             return ChunkedLinearHRMFunction._forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom,
-                                                     options, impl, budget, grad_enabled)
+                                                     options, transforms, impl, budget,
+                                                     grad_enabled)
 
     @staticmethod
-    def _forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, impl, budget,
+    def _forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, transforms, impl, budget,
                  grad_enabled):
         like = (xs, ws, bs, xt, wt, bt, u)
         want = _wanted(ctx, grad_enabled)
-        rows = chunk_rows(labels.numel(), ws.shape[0], budget, xs, ws, xt, u, any(want[3:]))
-        ctx.options, ctx.impl, ctx.rows, ctx.deferred = options, impl, rows, denom is None
+        rows = chunk_rows(labels.numel(), ws.shape[0], budget, xs, ws, xt, u, any(want[3:]),
+                          transforms[0][1] is not None and any(want[:3]))
+        ctx.options, ctx.transforms, ctx.impl = options, transforms, impl
+        ctx.rows, ctx.deferred = rows, denom is None
         if denom is None:   # "none": gradients wait for grad_output, recomputed in backward
-            loss, ce, kl, ent, stats, _ = _sweep(like[:6], u, labels, options, impl, rows)
+            loss, ce, kl, ent, stats, _ = _sweep(like[:6], u, labels, options, transforms, impl,
+                                                 rows)
             ctx.save_for_backward(*like, labels, stats)
         else:
             n = labels.numel()
             inv = torch.ones((), dtype=acc_dtype(xs.dtype), device=xs.device) / denom
-            loss, ce, kl, ent, _, grads = _sweep(like[:6], u, labels, options, impl, rows,
-                                                 grad=inv.expand(n) if any(want) else None,
+            loss, ce, kl, ent, _, grads = _sweep(like[:6], u, labels, options, transforms, impl,
+                                                 rows, grad=inv.expand(n) if any(want) else None,
                                                  want=want)
             ctx.save_for_backward(*_cast(grads, like))   # d W rounded once, after the fp32 sum
             loss, ce, kl, ent = (t.sum() / denom for t in (loss, ce, kl, ent))
@@ -231,35 +272,36 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
             # A 0-d device tensor times each gradient: no host sync (Liger tests grad_output == 1
             # with torch.equal, a sync; multiplying by 1 costs one pass and is exact).
             grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
-            return (*grads, *(None,) * 6)
+            return (*grads, *(None,) * 7)
         *like, labels, stats = ctx.saved_tensors
         with _no_autocast(labels):
-            grads = _sweep(like[:6], like[6], labels, ctx.options, ctx.impl, ctx.rows,
-                           stats=stats, grad=grad_loss.reshape(-1), want=ctx.needs_input_grad[:7])
-        return (*_cast(grads, like), *(None,) * 6)
+            grads = _sweep(like[:6], like[6], labels, ctx.options, ctx.transforms, ctx.impl,
+                           ctx.rows, stats=stats, grad=grad_loss.reshape(-1),
+                           want=ctx.needs_input_grad[:7])
+        return (*_cast(grads, like), *(None,) * 7)
 
 
 class FusedLinearHRMFunction(torch.autograd.Function):
     """Stage 2: the Triton kernels of kernels/triton/linear.py (passed in as `kernels`, so that
-    this module imports without Triton). Returns per-token (loss, ce, kl) (N,) fp32; the caller
-    reduces, and the backward recomputes the logit tiles for any grad_output."""
+    this module imports without Triton). Returns per-token (loss, ce, kl, entropy) (N,) fp32;
+    the caller reduces, and the backward recomputes the logit tiles for any grad_output."""
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, kernels):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, options, transforms, kernels):
         hrm, temperature, eps, ignore_index, beta, with_kl = options
-        loss, ce, kl, stats = kernels.linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm,
-                                                          temperature, eps, ignore_index,
-                                                          beta == 1.0, with_kl=with_kl)
+        loss, ce, kl, ent, stats = kernels.linear_hrm_loss_fwd(
+            xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, eps, ignore_index, beta,
+            transforms, with_kl=with_kl)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, u, labels, stats)
-        ctx.options, ctx.kernels = options, kernels
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.options, ctx.transforms, ctx.kernels = options, transforms, kernels
+        ctx.mark_non_differentiable(ce, kl, ent)
+        return loss, ce, kl, ent
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_ent):
         *heads, labels, stats = ctx.saved_tensors
         hrm, temperature, eps, ignore_index, beta, _ = ctx.options
         grads = ctx.kernels.linear_hrm_loss_bwd(*heads, labels, stats, grad_loss.reshape(-1),
-                                                hrm, temperature, eps, ignore_index, beta == 1.0,
-                                                ctx.needs_input_grad[:7])
-        return (*grads, *(None,) * 3)
+                                                hrm, temperature, eps, ignore_index, beta,
+                                                ctx.transforms, ctx.needs_input_grad[:7])
+        return (*grads, *(None,) * 4)

@@ -22,6 +22,9 @@ KL temperature already (log_softmax(u / T).topk(k)); T divides only the student'
                       = sum_i q_{t_i} (log q_{t_i} - l_i) + Q (log Q - log P)   reverse
     "renormalize"  k outcomes: p^_i = p_i / sum_j p_j,  q^_i = q_{t_i} / sum_j q_{t_j},
                    KL = sum_i p^_i (log p^_i - log q^_i)  (reverse swaps p^ and q^)
+
+With jsd_beta, D is the generalised JSD above between the two distributions over those k + 1
+("rest") or k ("renormalize") outcomes.
 """
 import math
 
@@ -152,14 +155,15 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
 
 def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_mode="rest",
                             temperature=1.0, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0, kl_direction="forward", num_items_in_batch=None,
-                            return_components=False):
-    """CE + hrm * KL to a top-k teacher ``(indices, logprobs)``, each (..., k); see the module
+                            label_smoothing=0.0, kl_direction="forward", jsd_beta=None,
+                            num_items_in_batch=None, return_components=False):
+    """CE + hrm * D to a top-k teacher ``(indices, logprobs)``, each (..., k); see the module
     docstring for the two ``topk_mode`` choices. Same results as ``fused_hrm_loss(...,
     teacher_topk=...)``; the log-probabilities get no gradient.
     """
     check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch")
+    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch",
+                  jsd_beta)
     check_num_items(num_items_in_batch, student_logits.device, reduction)
     idx, logp = teacher_topk
     dtype = _compute_dtype(student_logits, logp)
@@ -182,6 +186,6 @@ def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_m
                                  float("-inf"))
         log_p = torch.cat([lp, rest_p.log().unsqueeze(-1)], -1)
         log_q = torch.cat([log_q_top, log_rest_q], -1)
-    kl = _kl(log_q, log_p) if kl_direction == "reverse" else _kl(log_p, log_q)
+    kl = _divergence(log_p, log_q, divergence_beta(kl_direction, jsd_beta))
     return _finish(ce, kl, _entropy(torch.log_softmax(z / temperature, dim=-1)), hrm, keep,
                    labels, ignore_index, reduction, num_items_in_batch, return_components)

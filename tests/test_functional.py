@@ -43,9 +43,10 @@ BAD = [
     (dict(jsd_beta=float("nan")), ValueError, "jsd_beta must not be NaN"),
     (dict(jsd_beta="0.5"), TypeError, "jsd_beta must be a Python float"),
     (dict(jsd_beta=0.5, kl_direction="reverse"), ValueError, "pass jsd_beta or kl_direction"),
-    (dict(jsd_beta=0.5, teacher_logits=None, teacher_topk=(torch.zeros(4, 2, dtype=torch.long),
-                                                           torch.zeros(4, 2))),
-     ValueError, "jsd_beta strictly between 0 and 1 needs dense teacher_logits"),
+    (dict(jsd_beta=0.5, process_group=object()), ValueError,
+     "jsd_beta strictly between 0 and 1 needs the whole vocabulary on one device"),
+    (dict(jsd_beta=0.5, student_logits=type("DTensorLike", (), {"to_local": None})()), ValueError,
+     "no process_group, no DTensor logits"),
 ]
 
 
@@ -156,3 +157,21 @@ def test_hrm_loss_num_items_in_batch_has_one_meaning():
 def test_available_backends_for_cuda_without_cuda_says_why():
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         available_backends("cuda")
+
+
+def test_hrm_loss_without_a_teacher_is_the_fused_cross_entropy():
+    z, _, y = _inputs(n=5, v=21)
+    y[1] = -100
+    z.requires_grad_()
+    for backend in available_backends(DEVICE):
+        out = fused_hrm_loss(z, None, y, 0.0, label_smoothing=0.1, backend=backend,
+                             return_components=True)
+        expected = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1)
+        torch.testing.assert_close(out.loss, expected)
+        assert out.kl.item() == 0
+        (dz,) = torch.autograd.grad(out.loss, z)
+        (ref,) = torch.autograd.grad(expected, z)
+        torch.testing.assert_close(dz, ref)
+    torch.testing.assert_close(FusedHRMLoss(0.0)(z, labels=y), torch.nn.functional.cross_entropy(z, y))
+    with pytest.raises(ValueError, match="neither teacher_logits nor teacher_topk"):
+        fused_hrm_loss(z, None, y, 0.5)

@@ -24,7 +24,7 @@ HALF = (torch.bfloat16, torch.float16)
 BASE = dict(n=9, v=1271, dtype=torch.float32, tdtype=None, layout="2d", direction="forward",
             t=2.0, eps=0.1, hrm=0.5, ignore="some", reduction="mean", teacher_grad=False,
             num_items=None, scale=3.0, masked=None, jsd=None)
-JSD_BACKENDS = ("torch",)   # backends with a JSD kernel (strictly 0 < jsd_beta < 1)
+JSD_BACKENDS = ("torch", "triton")   # backends with a JSD kernel (strictly 0 < jsd_beta < 1)
 
 
 def _leaves(c):
@@ -53,6 +53,11 @@ def _leaves(c):
     elif c["masked"] == "leading":   # whole leading blocks masked (running max stays -inf)
         zl[..., : v // 2] = float("-inf")
         ul[..., : v // 2] = float("-inf")
+    elif c["masked"] == "underflow":   # log-probabilities from -85 to below -104 under both
+        m = torch.rand(v, device=DEVICE) < 0.4   # models: p, q subnormal or 0 in fp32 (#1453)
+        for x, lo in ((zl[..., :v], 70.0), (ul[..., :v], 120.0)):
+            low = -85.0 - lo * torch.rand(x[..., m].shape, device=DEVICE)
+            x[..., m] = low.to(x.dtype) * c["t"]
     return zl, ul, view_z, view_u
 
 
@@ -141,8 +146,15 @@ CASES = {
     **{f"jsd beta={b} T={t}": dict(jsd=b, t=t, teacher_grad=True)
        for b in (0.0, 0.1, 0.5, 0.9, 1.0) for t in (0.5, 1.0, 2.0)},
     **{f"jsd -inf {m}": dict(jsd=0.5, masked=m, teacher_grad=True) for m in ("random", "leading")},
+    **{f"jsd underflow beta={b} T={t}": dict(jsd=b, masked="underflow", t=t, teacher_grad=True)
+       for b in (0.0, 0.5, 0.9, 1.0) for t in (0.5, 1.0)},
     "jsd bf16": dict(jsd=0.3, dtype=torch.bfloat16, teacher_grad=True),
+    "jsd fp16 teacher fp32": dict(jsd=0.6, dtype=torch.float16, tdtype=torch.float32,
+                                  teacher_grad=True, t=1.0),
+    "jsd layout=shifted": dict(jsd=0.4, layout="shifted", n=5, teacher_grad=True),
     "jsd magnitude 1e4": dict(jsd=0.5, scale=1e4, t=4.0),
+    "jsd magnitude 1e4 T=1 teacher grad": dict(jsd=0.2, scale=1e4, t=1.0, teacher_grad=True),
+    "jsd eps=0 ignore=none": dict(jsd=0.5, eps=0.0, ignore="none", teacher_grad=True),
     "jsd hrm=0": dict(jsd=0.5, hrm=0.0, teacher_grad=True),
     "jsd reduction=none": dict(jsd=0.7, reduction="none", ignore="all"),
 }
@@ -163,6 +175,59 @@ def test_hrm_loss_multi_block_and_chunk_paths(backend, monkeypatch):
     for masked in (None, "leading"):
         check(backend, v=1000, n=7, layout="3d", masked=masked, teacher_grad=True)
         check(backend, v=1000, n=7, layout="3d", masked=masked, direction="reverse", t=1.0)
+        if backend in JSD_BACKENDS:   # the JSD's second pass walks the blocks again
+            check(backend, v=1000, n=7, layout="3d", masked=masked, jsd=0.3, teacher_grad=True)
+
+
+JSD_RUN = [b for b in BACKENDS if b in JSD_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", JSD_RUN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hrm_loss_jsd_underflow_in_both_models_is_finite(backend, dtype):
+    # Liger #1453: an interior beta gave NaN where an entry's log-probability is below about -104
+    # under both models (p = q = m = 0 in fp32, then 0 * log 0). Here every row has such entries,
+    # some rows put almost all their vocabulary there, and the result must be the true value.
+    z, u = torch.randn(4, 300, device=DEVICE) * 2, torch.randn(4, 300, device=DEVICE) * 2
+    z[:, 100:] = -90.0 - 60 * torch.rand(4, 200, device=DEVICE)   # subnormal or 0 in fp32
+    u[:, 50:] = -90.0 - 100 * torch.rand(4, 250, device=DEVICE)
+    z[3, 1:], u[3, 1:] = -300.0, -400.0   # one outcome holds all the mass, the others underflow
+    y = torch.tensor([0, 1, -100, 2], device=DEVICE)
+    zl, ul = z.to(dtype).requires_grad_(), u.to(dtype).requires_grad_()
+    out = fused_hrm_loss(zl, ul, y, 0.5, jsd_beta=0.5, backend=backend, reduction="none",
+                         return_components=True)
+    out.loss.sum().backward()
+    for t in (*out, out.entropy, zl.grad, ul.grad):
+        assert torch.isfinite(t).all()
+    check(backend, jsd=0.5, masked="underflow", teacher_grad=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", JSD_RUN)
+def test_hrm_loss_jsd_ends_are_the_kls(backend):
+    # beta = 0 and 1 are exactly the KLs (TRL's and Liger's convention), gradients included; near
+    # the ends the JSD formula itself tends to beta KL(p || q) and (1 - beta) KL(q || p).
+    z, u = torch.randn(6, 257, device=DEVICE), torch.randn(6, 257, device=DEVICE)
+    y = torch.randint(0, 257, (6,), device=DEVICE)
+    y[4] = -100
+
+    def run(hrm=1.0, **kw):
+        zl, ul = z.clone().requires_grad_(), u.clone().requires_grad_()
+        out = fused_hrm_loss(zl, ul, y, hrm, temperature=1.5, backend=backend, reduction="none",
+                             return_components=True, **kw)
+        (out.loss * torch.linspace(0.5, 2.0, 6, device=DEVICE)).sum().backward()
+        return out.kl, zl.grad, ul.grad
+
+    _, ce_dz, _ = run(hrm=0.0)
+    for beta, direction in ((0.0, "forward"), (1.0, "reverse")):
+        for a, b in zip(run(jsd_beta=beta), run(kl_direction=direction)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    w = 1e-3
+    for beta, direction in ((w, "forward"), (1 - w, "reverse")):
+        (d, dz, du), (kl, kl_dz, kl_du) = run(jsd_beta=beta), run(kl_direction=direction)
+        assert (kl[y != -100] > 0.05).all()
+        torch.testing.assert_close(d / w, kl, rtol=2e-2, atol=0)
+        torch.testing.assert_close((dz - ce_dz) / w, kl_dz - ce_dz, rtol=2e-2, atol=2e-4)
+        torch.testing.assert_close(du / w, kl_du, rtol=2e-2, atol=2e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -264,7 +329,7 @@ def test_hrm_loss_denominator_math():
     eps=st.sampled_from([0.0, 0.1, 1.0]), hrm=st.sampled_from([0.0, 0.001, 0.5, 10.0]),
     ignore=st.sampled_from(["all", "none", "some"]), reduction=st.sampled_from(["mean", "sum", "none"]),
     teacher_grad=st.booleans(), masked=st.sampled_from([None, "random"]),
-    scale=st.sampled_from([0.1, 3.0, 30.0]))))
+    scale=st.sampled_from([0.1, 3.0, 30.0]), jsd=st.sampled_from([None, None, 0.5]))))
 def test_hrm_loss_property_random_shapes_and_options(backend, case):
     torch.manual_seed(0)    # each example draws its tensors afresh: keep it reproducible
     if case["masked"] == "random" and case["v"] < 4:

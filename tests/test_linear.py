@@ -9,6 +9,7 @@ sizes stay tiny: V = 197 is neither a power of two nor a multiple of the vocabul
 import pytest
 import torch
 
+from hrmkernels import available_backends, fused_hrm_loss
 from hrmkernels.linear import FusedLinearHRMLoss, fused_linear_hrm_loss
 from hrmkernels.linear_autograd import chunk_rows
 from hrmkernels.reference import hrm_loss_reference
@@ -18,7 +19,9 @@ from conftest import DEVICE, requires_cuda
 BASE = dict(lead=(2, 5), hs=24, ht=20, v=197, dtype=torch.float64, bias=True, teacher="hidden",
             pad=0, teacher_grad=False, frozen_weight=False, direction="forward", t=2.0, eps=0.1,
             hrm=0.6, ignore="some", reduction="mean", num_items=None, budget=6 * 197 * 8,
-            components=False, masked=False, shifted=False)
+            components=False, masked=False, shifted=False, jsd=None, s_scale=1.0, t_scale=1.0,
+            s_cap=None, t_cap=None, floor=1e-3, fp32_tol=0.0)
+SOFTCAP = dict(s_scale=1.7, s_cap=4.0, t_scale=0.6, t_cap=3.0)   # logits ~ N(0, 2^2): tanh bends
 # Relative tolerance (of the largest reference value) per input dtype. float64 runs the torch
 # backend in float64 (the label-smoothing constant of its backward is an fp32 literal, ~3e-8).
 TOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -52,13 +55,40 @@ CASES = {
     "3d": dict(lead=(2, 2, 3)),
     "fp32": dict(dtype=torch.float32),
     "bf16": dict(dtype=torch.bfloat16, teacher_grad=True),
+    "jsd": dict(jsd=0.3, teacher_grad=True),
+    "jsd-none": dict(jsd=0.7, reduction="none", teacher_grad=True, components=True),
+    "jsd-bf16": dict(jsd=0.5, dtype=torch.bfloat16),
+    "scale": dict(s_scale=1.7, t_scale=0.6, teacher_grad=True),
+    "softcap": dict(**SOFTCAP, teacher_grad=True, components=True),
+    "softcap-saturated": dict(s_scale=3.0, s_cap=0.5, t_cap=0.7, teacher_grad=True),
+    "softcap-student-only": dict(s_cap=2.0, teacher_grad=True),
+    "softcap-none": dict(**SOFTCAP, reduction="none", teacher_grad=True),
+    "softcap-no-bias": dict(**SOFTCAP, bias=False, teacher_grad=True),
+    "softcap-frozen-weight": dict(**SOFTCAP, frozen_weight=True),
+    "softcap-row-chunks": dict(**SOFTCAP, budget=1, teacher_grad=True),
+    "softcap-teacher-logits": dict(s_scale=1.7, s_cap=4.0, teacher="logits", teacher_grad=True),
+    "softcap-jsd": dict(**SOFTCAP, jsd=0.4, teacher_grad=True, components=True),
+    "softcap-fp32": dict(**SOFTCAP, dtype=torch.float32, teacher_grad=True),
+    "softcap-bf16": dict(**SOFTCAP, dtype=torch.bfloat16, teacher_grad=True),
+    "softcap-bf16-jsd-none": dict(**SOFTCAP, dtype=torch.bfloat16, jsd=0.6, reduction="none"),
+    # Logits ~1e4. fp32 rounds them by ~1e-3 (test_hrm_loss.py's floor for fp32 arithmetic is
+    # 1e-6 |logit| / T ~ 5e-3): values are judged against 1 (floor), not against a peaked row's
+    # tiny entropy (~0.04), and the JSD's gradient, which needs lq = a - lse(a) (rounded by
+    # ulp(5e3) = 5e-4), gets 2e-4 relative in fp32 (fp32_tol; the KL's cancels the lse).
+    "magnitude-1e4": dict(s_scale=4e3, t_scale=3e3, t=4.0, components=True, teacher_grad=True,
+                          floor=1.0),
+    "magnitude-1e4-jsd": dict(s_scale=4e3, t_scale=3e3, jsd=0.5, components=True, floor=1.0,
+                              fp32_tol=2e-4),
 }
 # Stage 2 under the interpreter: fp32 (its arithmetic), the cases that change what it computes.
 FUSED_CASES = ["base", "sum", "none", "reverse-none", "t1", "hrm0", "hrm0-components",
                "all-ignored", "no-bias", "teacher-grad", "frozen-weight", "padded-teacher",
                "same-hidden", "teacher-logits", "teacher-logits-grad", "num-items-tensor",
-               "masked-vocab", "shifted", "1d", "bf16"]
-TRITON_CHUNKED_CASES = ["base", "reverse-none", "teacher-logits-grad"]
+               "masked-vocab", "shifted", "1d", "bf16", "components", "jsd", "jsd-none",
+               "jsd-bf16", "scale", "softcap", "softcap-saturated", "softcap-student-only",
+               "softcap-none", "softcap-no-bias", "softcap-teacher-logits", "softcap-jsd",
+               "softcap-bf16", "softcap-bf16-jsd-none", "magnitude-1e4", "magnitude-1e4-jsd"]
+TRITON_CHUNKED_CASES = ["base", "reverse-none", "teacher-logits-grad", "jsd-none", "softcap-jsd"]
 
 
 def _inputs(c):
@@ -98,42 +128,55 @@ def _hidden(c, x):
 
 def _call(c, leaves, y, **kw):
     v, g = c["v"], leaves.get
-    teacher = dict(teacher_bias=g("bt"))
+    teacher = dict(teacher_bias=g("bt"), teacher_logit_scale=c["t_scale"],
+                   teacher_softcap=c["t_cap"])
     if c["teacher"] == "hidden":
         xt, wt = _hidden(c, g("xt")), g("wt")[:v]     # a padded teacher vocabulary: a view
     else:
         xt = wt = None
         teacher = dict(teacher_logits=g("u")[..., :v])
+    if c["jsd"] is not None:
+        kw = dict(kw, jsd_beta=c["jsd"])
     num_items = c["num_items"]
     if num_items == "tensor":
         num_items = torch.tensor(13, device=DEVICE)
     return fused_linear_hrm_loss(
         _hidden(c, g("xs")), g("ws"), xt, wt, y, c["hrm"], student_bias=g("bs"), **teacher,
+        student_logit_scale=c["s_scale"], student_softcap=c["s_cap"],
         temperature=c["t"], label_smoothing=c["eps"], kl_direction=c["direction"],
         reduction=c["reduction"], num_items_in_batch=num_items, chunk_budget_bytes=c["budget"],
         return_components=c["components"], **kw)
+
+
+def _transformed(x, scale, cap):
+    """TRL's order: the logit scale, then the softcap (autograd differentiates the tanh)."""
+    return cap * torch.tanh(scale * x / cap) if cap is not None else scale * x
 
 
 def _reference(c, leaves, y):
     r = {k: t.detach().double().requires_grad_(t.requires_grad) for k, t in leaves.items()}
     v = c["v"]
     z = _hidden(c, r["xs"]) @ r["ws"].T + (r["bs"] if "bs" in r else 0)
+    z = _transformed(z, c["s_scale"], c["s_cap"])
     if c["teacher"] == "hidden":
         u = _hidden(c, r["xt"]) @ r["wt"][:v].T + (r["bt"] if "bt" in r else 0)
+        u = _transformed(u, c["t_scale"], c["t_cap"])
     else:
         u = r["u"][..., :v]
     num_items = c["num_items"]
     if num_items == "tensor":
         num_items = torch.tensor(13, device=DEVICE)
+    divergence = (dict(jsd_beta=c["jsd"]) if c["jsd"] is not None
+                  else dict(kl_direction=c["direction"]))
     out = hrm_loss_reference(z, u, y, c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
-                             kl_direction=c["direction"], reduction=c["reduction"],
-                             num_items_in_batch=num_items, return_components=True)
+                             reduction=c["reduction"], num_items_in_batch=num_items,
+                             return_components=True, **divergence)
     return out, r
 
 
-def _close(name, actual, expected, tol):
+def _close(name, actual, expected, tol, floor=1e-3):
     actual = actual.detach().double()
-    scale = max(expected.abs().max().item(), 1e-3) if expected.numel() else 1.0
+    scale = max(expected.abs().max().item(), floor) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     assert err <= tol, f"{name}: max error {err:.2e} (relative to {scale:.3g}) > {tol:.0e}"
@@ -146,13 +189,14 @@ def _check(case, fp64_as=None, **kw):
         c["dtype"] = fp64_as
     leaves, y = _inputs(c)
     out = _call(c, leaves, y, **kw)
-    (ref_loss, ref_ce, ref_kl), r = _reference(c, leaves, y)
+    ref, r = _reference(c, leaves, y)
+    ref_loss = ref.loss
     loss = out.loss if c["components"] else out
-    tol = TOL[c["dtype"]]
+    tol = TOL[c["dtype"]] if c["dtype"] == torch.float64 else max(TOL[c["dtype"]], c["fp32_tol"])
     _close("loss", loss, ref_loss.detach(), tol)
     if c["components"]:
-        _close("ce", out.ce, ref_ce, tol)
-        _close("kl", out.kl, ref_kl, tol)
+        for name in ("ce", "kl", "entropy"):
+            _close(name, getattr(out, name), getattr(ref, name), tol, c["floor"])
     # A grad_output other than 1: random per token for "none", a scalar otherwise.
     cot = torch.rand_like(ref_loss) + 0.5 if c["reduction"] == "none" else torch.tensor(1.7)
     names = [k for k, t in leaves.items() if t.requires_grad]
@@ -180,20 +224,24 @@ def test_linear_hrm_loss_fused(case):
 
 
 @pytest.mark.parametrize("split", [1, 2, 4])
-def test_linear_hrm_loss_fused_vocab_split(split):
-    """Partial statistics over vocabulary ranges merge exactly (forward only; the merge)."""
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_linear_hrm_loss_fused_vocab_split(split, beta, scale):
+    """The ranges' online states merge as exactly as one range (forward only; the merge), also
+    at logits ~1e4 where a rounded log-sum-exp would shift the ranges' weights."""
     from hrmkernels.kernels.triton import linear as k
     xs, ws, xt, wt = (torch.randn(s, device=DEVICE) for s in ((7, 16), (197, 16), (7, 8), (197, 8)))
+    xs, xt = xs * scale, xt * scale
     y = torch.randint(0, 197, (7,), device=DEVICE)
     y[2] = -100
     ws[5] = 0
-    out = k.linear_hrm_loss_fwd(xs, ws, None, xt, wt, None, None, y, 0.5, 1.5, 0.1, -100, True,
+    out = k.linear_hrm_loss_fwd(xs, ws, None, xt, wt, None, None, y, 0.5, 1.5, 0.1, -100, beta,
                                 split=split)
     ref = hrm_loss_reference((xs @ ws.T).double(), (xt @ wt.T).double(), y, 0.5, temperature=1.5,
-                             label_smoothing=0.1, kl_direction="reverse", reduction="none",
+                             label_smoothing=0.1, jsd_beta=beta, reduction="none",
                              return_components=True)
-    for name, a, e in zip(("loss", "ce", "kl"), out, ref):
-        _close(name, a, e, 2e-5)
+    for name, a, e in zip(("loss", "ce", "kl", "entropy"), out, (*ref, ref.entropy)):
+        _close(name, a, e, 2e-5 if scale == 1 else 1e-5 * scale)
 
 
 def test_linear_hrm_loss_no_grad_and_module():
@@ -240,6 +288,8 @@ def test_linear_hrm_loss_chunk_rows():
     assert chunk_rows(7, 100, 1 << 40, x32, x32, x32, None, False) == 7
     # bf16 weights add the rounded dz (2 B); teacher logits given: no teacher buffer.
     assert chunk_rows(100, 100, 600 * 10, w16, w16, None, torch.zeros(1), False) == 10
+    # a student softcap's derivative: one more fp32 row
+    assert chunk_rows(100, 100, 1000 * 10, w16, w16, None, torch.zeros(1), False, True) == 10
 
 
 def _bad_inputs():
@@ -280,6 +330,18 @@ BAD = {
     "budget": (dict(chunk_budget_bytes=0), ValueError, "chunk_budget_bytes"),
     "fused-backend": (dict(impl="fused", backend="torch"), ValueError, "backend"),
     "hrm": (dict(hrm=-1.0), ValueError, "hrm"),
+    "scale-zero": (dict(student_logit_scale=0.0), ValueError, "student_logit_scale must be a "
+                   "positive finite float"),
+    "scale-inf": (dict(teacher_logit_scale=float("inf")), ValueError, "teacher_logit_scale"),
+    "scale-nan": (dict(student_logit_scale=float("nan")), ValueError, "student_logit_scale"),
+    "scale-none": (dict(student_logit_scale=None), TypeError, "student_logit_scale"),
+    "scale-bool": (dict(teacher_logit_scale=True), TypeError, "teacher_logit_scale"),
+    "softcap-negative": (dict(student_softcap=-30.0), ValueError,
+                         "student_softcap must be a positive finite float or None"),
+    "softcap-str": (dict(teacher_softcap="30"), TypeError, "teacher_softcap"),
+    "softcap-teacher-logits": (dict(teacher_hidden=None, teacher_weight=None, teacher_softcap=30.0,
+                                    teacher_logits=torch.randn(2, 3, 11)), ValueError,
+                               "teacher_logits are used as given"),
 }
 
 
@@ -291,6 +353,34 @@ def test_linear_hrm_loss_bad_input(case):
                                 "teacher_weight", "labels", "hrm")]
     with pytest.raises(error, match=words.replace("[", r"\[").replace(".", r"\.")):
         fused_linear_hrm_loss(*args, **kw)
+
+
+def test_linear_hrm_loss_module_bad_transform():
+    with pytest.raises(ValueError, match="student_softcap"):
+        FusedLinearHRMLoss(0.5, student_softcap=0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_hrm_loss_transforms_equal_the_logits_api(backend):
+    """fused_linear_hrm_loss with scales and softcaps == fused_hrm_loss on the transformed
+    logits (computed in fp32 by autograd): values and every head gradient."""
+    xs, ws, bs = torch.randn(6, 16), torch.randn(97, 16) * 0.5, torch.randn(97)
+    xt, wt, bt = torch.randn(6, 12), torch.randn(97, 12) * 0.7, torch.randn(97)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (xs, ws, bs, xt, wt, bt)]
+    y = torch.randint(0, 97, (6,), device=DEVICE)
+    y[1] = -100
+    kw = dict(temperature=1.5, jsd_beta=0.3, backend=backend, return_components=True)
+    caps = dict(student_logit_scale=1.3, student_softcap=3.0, teacher_logit_scale=0.8,
+                teacher_softcap=2.5)
+    out = fused_linear_hrm_loss(leaves[0], leaves[1], leaves[3], leaves[4], y, 0.5,
+                                student_bias=leaves[2], teacher_bias=leaves[5], **caps, **kw)
+    grads = torch.autograd.grad(out.loss, leaves)
+    z = _transformed(leaves[0] @ leaves[1].T + leaves[2], 1.3, 3.0)
+    u = _transformed(leaves[3] @ leaves[4].T + leaves[5], 0.8, 2.5)
+    ref = fused_hrm_loss(z, u, y, 0.5, **kw)
+    ref_grads = torch.autograd.grad(ref.loss, leaves)
+    for a, b in zip((*out, out.entropy, *grads), (*ref, ref.entropy, *ref_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @requires_cuda
@@ -325,3 +415,20 @@ def test_linear_hrm_loss_shift_labels_takes_hugging_face_labels():
     expected = fused_linear_hrm_loss(xs[:, :-1], ws, xt[:, :-1], wt, y[:, 1:], 0.5, **kw)
     torch.testing.assert_close(fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, shift_labels=True, **kw),
                                expected)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_linear_hrm_loss_without_a_teacher_is_the_fused_linear_cross_entropy(impl):
+    if impl == "fused" and "triton" not in available_backends(DEVICE):
+        pytest.skip("impl='fused' needs Triton")
+    xs = torch.randn(7, 16, device=DEVICE, requires_grad=True)
+    ws = torch.randn(37, 16, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 37, (7,), device=DEVICE)
+    out = fused_linear_hrm_loss(xs, ws, None, None, y, 0.0, impl=impl, return_components=True)
+    expected = torch.nn.functional.cross_entropy(xs @ ws.T, y)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.kl.item() == 0
+    for a, b in zip(torch.autograd.grad(out.loss, (xs, ws)), torch.autograd.grad(expected, (xs, ws))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="no teacher was given"):
+        fused_linear_hrm_loss(xs, ws, None, None, y, 0.5)

@@ -21,7 +21,8 @@ BACKENDS = [b for b in ("torch", "triton") if b in available_backends(DEVICE)]
 
 BASE = dict(n=9, v=1271, k=17, dtype=torch.float32, ldtype=torch.float32, mode="rest",
             direction="forward", t=2.0, eps=0.1, hrm=0.5, ignore="some", reduction="mean",
-            num_items=None, layout="2d", scale=3.0, case=None)
+            num_items=None, layout="2d", scale=3.0, case=None, jsd=None)
+JSD_BACKENDS = ("torch", "triton")   # backends with a top-k JSD kernel (0 < jsd_beta < 1)
 
 
 def _inputs(c):
@@ -59,9 +60,11 @@ def _inputs(c):
 
 def _run(fn, z, view, y, topk, c, g):
     z = z.detach().requires_grad_()
+    divergence = (dict(jsd_beta=c["jsd"]) if c["jsd"] is not None
+                  else dict(kl_direction=c["direction"]))
     out = fn(view(z), labels=y, hrm=c["hrm"], teacher_topk=topk, topk_mode=c["mode"],
-             temperature=c["t"], label_smoothing=c["eps"], kl_direction=c["direction"],
-             reduction=c["reduction"], num_items_in_batch=c["num_items"], return_components=True)
+             temperature=c["t"], label_smoothing=c["eps"], reduction=c["reduction"],
+             num_items_in_batch=c["num_items"], return_components=True, **divergence)
     (out[0] * g).sum().backward()
     return out, z.grad
 
@@ -73,6 +76,8 @@ def _reference(student_logits, labels, hrm, teacher_topk, topk_mode, **kw):
 
 def check(backend, **kw):
     c = {**BASE, **kw}
+    if c["jsd"] is not None and 0 < c["jsd"] < 1 and backend not in JSD_BACKENDS:
+        pytest.skip(f"backend={backend!r} has no top-k JSD kernel yet")
     z, view, y, (idx, lp) = _inputs(c)
     g = torch.rand(y.shape if c["reduction"] == "none" else (), device=DEVICE) * 2 - 0.5
     fused = lambda *a, **k: fused_hrm_loss(*a, backend=backend, **k)
@@ -116,6 +121,21 @@ CASES = {
     **{f"reduction={r}": dict(reduction=r) for r in ("sum", "none")},
     "num_items int": dict(num_items=7), "num_items tensor": dict(num_items=torch.tensor(11)),
     "magnitude 1e4": dict(scale=1e4, t=4.0),
+    **{f"jsd {m} beta={b} T={t}": dict(mode=m, jsd=b, t=t)
+       for m in ("rest", "renormalize") for b in (0.0, 0.1, 0.5, 0.9, 1.0)
+       for t in (0.5, 1.0, 2.0)},
+    **{f"jsd {m} {case}": dict(mode=m, jsd=0.5, case=case) for m in ("rest", "renormalize")
+       for case in ("peaked teacher", "confident student", "student -inf", "teacher -inf",
+                    "student -inf in top-k")},
+    "jsd student only top-k": dict(case="student only top-k", jsd=0.3),
+    "jsd k=V": dict(v=7, k=7, jsd=0.5), "jsd k=1": dict(v=1000, k=1, jsd=0.5),
+    "jsd student bf16": dict(dtype=torch.bfloat16, jsd=0.4),
+    "jsd log-probs bf16": dict(ldtype=torch.bfloat16, jsd=0.6),   # P clamped at 0: still finite
+    "jsd layout shifted": dict(layout="shifted", n=5, jsd=0.5, mode="renormalize"),
+    "jsd reduction none": dict(reduction="none", jsd=0.7), "jsd hrm=0": dict(hrm=0.0, jsd=0.5),
+    "jsd ignore all": dict(ignore="all", jsd=0.5),
+    "jsd magnitude 1e4": dict(scale=1e4, t=4.0, jsd=0.5),
+    "jsd magnitude 1e4 renormalize": dict(scale=1e4, t=1.0, jsd=0.5, mode="renormalize"),
 }
 
 
@@ -135,16 +155,22 @@ def test_hrm_loss_topk_multi_block_and_chunk_paths(backend, monkeypatch):
         for direction in ("forward", "reverse"):
             check(backend, v=1000, k=40, n=7, layout="3d", mode=mode, direction=direction)
         check(backend, v=1000, k=40, n=7, mode=mode, case="confident student", t=1.0)
+        if backend in JSD_BACKENDS:
+            check(backend, v=1000, k=40, n=7, layout="3d", mode=mode, jsd=0.4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_hrm_loss_topk_with_every_id_is_the_dense_loss(backend, direction):
-    # k = V: both modes are the full KL (no rest outcome), up to the log-probabilities' rounding.
+@pytest.mark.parametrize("divergence", [dict(kl_direction="forward"), dict(kl_direction="reverse"),
+                                        dict(jsd_beta=0.3)], ids=["forward", "reverse", "jsd"])
+def test_hrm_loss_topk_with_every_id_is_the_dense_loss(backend, divergence):
+    # k = V: both modes are the full divergence (no rest outcome), up to the log-probabilities'
+    # rounding.
+    if "jsd_beta" in divergence and backend not in JSD_BACKENDS:
+        pytest.skip(f"backend={backend!r} has no top-k JSD kernel yet")
     z, u = torch.randn(2, 5, 50, device=DEVICE) * 3, torch.randn(2, 5, 50, device=DEVICE) * 3
     y = torch.randint(0, 50, (2, 5), device=DEVICE)
-    kw = dict(temperature=2.0, label_smoothing=0.1, kl_direction=direction, backend=backend,
-              return_components=True)
+    kw = dict(temperature=2.0, label_smoothing=0.1, backend=backend, return_components=True,
+              **divergence)
     dense = fused_hrm_loss(z, u, y, 0.5, **kw)
     lp, idx = torch.log_softmax(u / 2.0, -1).topk(50, -1)
     for mode in ("rest", "renormalize"):
@@ -276,7 +302,8 @@ def test_fused_hrm_loss_module_takes_a_topk_teacher():
     t=st.sampled_from([0.5, 1.0, 3.0]), eps=st.sampled_from([0.0, 0.1]),
     hrm=st.sampled_from([0.0, 0.5, 10.0]), ignore=st.sampled_from(["all", "none", "some"]),
     reduction=st.sampled_from(["mean", "sum", "none"]), scale=st.sampled_from([0.1, 3.0, 30.0]),
-    case=st.sampled_from([None, "confident student", "peaked teacher"]))))
+    case=st.sampled_from([None, "confident student", "peaked teacher"]),
+    jsd=st.sampled_from([None, None, 0.3]))))
 def test_hrm_loss_topk_property_random_shapes_and_options(backend, case):
     torch.manual_seed(0)
     case["k"] = min(case["k"], case["v"])

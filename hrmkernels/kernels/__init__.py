@@ -14,6 +14,7 @@ exposes the same launchers (the top-k pair only where noted):
                  beta, dz, du) -> None
     hrm_loss_topk_fwd(z, idx, lp, labels, ..., beta, renormalize) -> loss, ce, div, entropy, stats
     hrm_loss_topk_bwd(z, idx, lp, labels, stats, grad, ..., beta, renormalize, dz) -> None
+        (beta as below, over the top-k teacher's k + 1 or k outcomes; stats (N, 4): topk.py)
 
 z, u: (B, S, V) row views with a unit last stride (hrmkernels._checks.rows_view), N = B * S;
 labels (N,). beta chooses the divergence D: 0 is KL(p || q), 1 is KL(q || p), strictly between

@@ -88,6 +88,12 @@ def _xlogy_diff(w, d):
     return (w * torch.where(w > 0, d, 0.0)).sum(-1)
 
 
+def _jsd_terms(lp, lq, beta):
+    """KL(p || m) and KL(q || m) per row, m = beta p + (1 - beta) q, from log-probabilities."""
+    lm = _log_mix(lp, lq, beta)
+    return _xlogy_diff(lp.exp(), lp - lm), _xlogy_diff(lq.exp(), lq - lm)
+
+
 def _divergence(a, b, lse_a, lse_b, beta):
     """The divergence per row and the two statistics the backward needs (the derivation is in
     kernels/triton/hrm_loss.py).
@@ -102,9 +108,7 @@ def _divergence(a, b, lse_a, lse_b, beta):
         # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
         mu = _xlogy_diff(w, d) / w.sum(-1)
         return (mu + lse_d).clamp_min(0), mu, torch.zeros_like(mu)
-    lq, lp = a - lse_a[:, None], b - lse_b[:, None]
-    lm = _log_mix(lp, lq, beta)
-    kl_qm, kl_pm = _xlogy_diff(lq.exp(), lq - lm), _xlogy_diff(lp.exp(), lp - lm)
+    kl_pm, kl_qm = _jsd_terms(b - lse_b[:, None], a - lse_a[:, None], beta)
     return (beta * kl_pm + (1 - beta) * kl_qm).clamp_min(0), kl_qm, kl_pm
 
 
@@ -183,12 +187,6 @@ def rest_mass(lp):
     return (-torch.expm1(m.squeeze(-1) + torch.log1p(e.sum(-1)))).clamp_min(0)
 
 
-def _topk_reverse(beta):
-    if beta not in (0.0, 1.0):
-        raise ValueError(f"top-k teachers take the KL (beta 0 or 1), got beta={beta}")
-    return beta == 1.0
-
-
 def _bucket_kl(log_w, log_v):
     """w (log w - log v) from logs: 0 where w = 0, +inf where v = 0 < w (even if exp(log w)
     underflows), as in the kernel."""
@@ -199,7 +197,7 @@ def _bucket_kl(log_w, log_v):
 
 def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, beta,
               renormalize):
-    v, reverse = z.shape[-1], _topk_reverse(beta)
+    v, reverse, jsd = z.shape[-1], beta == 1.0, 0.0 < beta < 1.0
     _check_labels(labels, ignore_index, v)
     _check_topk_indices(idx, v)
     dtype, eps = _compute_dtype(z, lp), float(label_smoothing)
@@ -218,7 +216,11 @@ def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_inde
         if renormalize:
             lse_s, lse_t = a_top.logsumexp(-1), lt.logsumexp(-1)
             ls, lt = a_top - lse_s[:, None], lt - lse_t[:, None]
-            kl_c = _xlogy_diff(ls.exp(), ls - lt) if reverse else _xlogy_diff(lt.exp(), lt - ls)
+            if jsd:
+                kl_pm, slot3 = _jsd_terms(lt, ls, beta)
+                kl_c = beta * kl_pm + (1 - beta) * slot3
+            else:
+                kl_c = _xlogy_diff(ls.exp(), ls - lt) if reverse else _xlogy_diff(lt.exp(), lt - ls)
             slot2 = lse_t
         else:
             lse_s = a.logsumexp(-1)
@@ -228,25 +230,33 @@ def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_inde
             log_pr = rest_mass(lt.double()).log().to(dtype) if lt.shape[-1] < v else \
                 torch.full_like(lse_s, -torch.inf)
             log_qr = lse_r - lse_s
-            if reverse:
+            if jsd:   # k + 1 outcomes; outside the top-k every q_v shares log Q - log M
+                kl_pm, slot3 = _jsd_terms(torch.cat((lt, log_pr[:, None]), 1),
+                                          torch.cat((ls, log_qr[:, None]), 1), beta)
+                kl_c = beta * kl_pm + (1 - beta) * slot3
+                slot2 = torch.where(log_qr == float("-inf"), 0.0,
+                                    log_qr - _log_mix(log_pr, log_qr, beta))
+            elif reverse:
                 kl_c = _xlogy_diff(ls.exp(), ls - lt) + _bucket_kl(log_qr, log_pr)
             else:
                 kl_c = _xlogy_diff(lt.exp(), lt - ls) + _bucket_kl(log_pr, log_qr)
-            # L: outside the top-k the implied teacher is P * q_v / Q = exp(a_v - L)
-            slot2 = torch.where(log_pr == float("-inf"), float("inf"), lse_r - log_pr)
+            if not jsd:   # L: outside the top-k the implied teacher is P q_v / Q = exp(a_v - L)
+                slot2 = torch.where(log_pr == float("-inf"), float("inf"), lse_r - log_pr)
         kl_c = torch.where(ok, kl_c.clamp_min(0), torch.nan)
+        if not jsd:
+            slot3 = kl_c
         keep = y != ignore_index
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
         kl[r0:r1] = torch.where(keep, kl_c, 0.0)
         ent[r0:r1] = torch.where(keep, _entropy(a), 0.0)
-        stats[r0:r1] = torch.stack((lse_z, lse_s, slot2, kl_c), 1)
+        stats[r0:r1] = torch.stack((lse_z, lse_s, slot2, torch.where(ok, slot3, torch.nan)), 1)
     loss = ce + hrm * kl if hrm > 0 else ce.clone()
     return loss, ce, kl, ent, stats
 
 
 def _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index,
               beta, renormalize, dz):
-    v, reverse = z.shape[-1], _topk_reverse(beta)
+    v, reverse, jsd = z.shape[-1], beta == 1.0, 0.0 < beta < 1.0
     dtype, eps, c = _compute_dtype(z, lp), float(label_smoothing), hrm / temperature
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
@@ -260,14 +270,19 @@ def _topk_bwd(z, idx, lp, labels, stats, grad, hrm, temperature, label_smoothing
             a = zc / temperature
             if not renormalize:                       # outside the top-k (rest bucket)
                 q = (a - lse_s).exp()
-                if reverse:
+                if jsd:
+                    d_z += c * (1 - beta) * torch.where(q > 0, q * (slot2 - kl), 0.0)
+                elif reverse:
                     d_z += c * torch.where(q > 0, q * ((slot2 - lse_s) - kl), 0.0)
                 else:
                     d_z += c * (q - torch.where(a > float("-inf"), (a - slot2).exp(), 0.0))
             ls = a.gather(1, ic) - lse_s
             lt = lp[bi, s0:s1].to(dtype) - (slot2 if renormalize else 0.0)
             q_top = ls.exp()
-            if reverse:
+            if jsd:   # kl = KL(q || m) here
+                lm = _log_mix(lt, ls, beta)
+                d_top += c * (1 - beta) * torch.where(q_top > 0, q_top * (ls - lm - kl), 0.0)
+            elif reverse:
                 d_top += c * torch.where(q_top > 0, q_top * (ls - lt - kl), 0.0)
             else:
                 d_top += c * (q_top - lt.exp())

@@ -32,8 +32,34 @@ statistics (40 B).
 Masked vocabulary entries (-inf) are legal: a zero probability contributes 0 to every sum
 (guarded with `where`, since 0 * inf is NaN), and a running max that is still -inf is
 replaced by 0 before subtracting it (exp(-inf - -inf) is NaN).
+
+Generalised JSD (0 < beta < 1, TRL's beta; beta = 0 and 1 are the KLs above), m = beta p +
+(1 - beta) q, with lq = a - lse_a, lp = b - lse_b and lm = log m from logs (a log-add-exp):
+
+    D = beta KL(p || m) + (1 - beta) KL(q || m)
+      = beta sum_v p_v (lp_v - lm_v) + (1 - beta) sum_v q_v (lq_v - lm_v)
+
+lm_v needs both normalised distributions at once and is no shift of a_v or b_v, so a running
+sum cannot be rescaled when lse_a or lse_b moves: the forward takes two passes. Pass 1 is the
+KL forward without its weighted sum (lse_z, lse_a, lse_b, CE, entropy); pass 2 reads the row
+again and accumulates KL(q || m) and KL(p || m) with the final log-sum-exps. Taking lm from
+logs keeps an entry whose log-probabilities lie below -104 under both models (p and q
+underflow to 0 in fp32) at 0 * finite = 0: no log(0 + 0), no 0 * inf (Liger #1453, a NaN
+there). Entries masked in both (-inf) give lm = -inf, guarded like the KL's zero probabilities.
+
+Backward: D = beta sum p log p + (1 - beta) sum q log q - sum m log m, so dD/dq_v =
+(1 - beta)(lq_v - lm_v), and through the softmax (dq_w/da_v = q_w ([w = v] - q_v)):
+
+    dz += g * hrm/T * (1 - beta) q (lq - lm - KL(q || m))
+    du  = g * hrm/T * beta p (lp - lm - KL(p || m))
+
+one pass, as for the KL; the forward saves (lse_z, lse_a, lse_b, KL(q || m), KL(p || m)).
+
+Bytes per element, bf16: forward reads z and u twice (8 B), backward reads them once and
+writes dz (6 B; 8 B with du): 14 B forward + backward, against 10 B for the KL.
 """
 import contextlib
+import math
 import os
 
 import torch
@@ -79,6 +105,18 @@ def _online_lse_h(m, s, h, x):
 
 
 @triton.jit
+def _log_mix(lp, lq, log_beta, log_1m_beta):
+    """lm = log(beta e^lp + (1 - beta) e^lq) = hi + log(1 + e^(lo - hi)), hi, lo the larger and
+    smaller of lp + log beta and lq + log(1 - beta): finite wherever lp or lq is (also below
+    -104, where p and q underflow), -inf where both are -inf (hi replaced by 0 in the exp)."""
+    x = lp + log_beta
+    w = lq + log_1m_beta
+    hi = tl.maximum(x, w)
+    lo = tl.minimum(x, w)
+    return hi + tl.log(1.0 + tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi)))
+
+
+@triton.jit
 def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, N_STATS: tl.constexpr):
     """An ignored token: loss, CE, KL, entropy and the saved statistics of its row are zeros."""
     tl.store(loss_ptr + row, 0.0)
@@ -112,11 +150,14 @@ def _hrm_loss_fwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V), any float dtype
     y_ptr,                       # labels (N,) int32/int64, N = B * S
-    loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
+    loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * D, CE, D (0 at ignored rows)
     ent_ptr,                     # (N,) fp32 out: entropy of q = softmax(z/T)
-    stats_ptr,                   # (N, 5) fp32 out, for backward: lse(z), lse(z/T), lse(u/T), mu, 0
+    stats_ptr,                   # (N, 5) fp32 out, for backward: lse(z), lse(z/T), lse(u/T), then
+                                 # mu, 0 (KL) or KL(q || m), KL(p || m) (JSD)
     S, V, hrm, inv_t, eps, ignore_index,
+    beta, log_beta, log_1m_beta,  # the JSD's weight beta, log beta, log(1 - beta) (JSD only)
     REVERSE: tl.constexpr,       # KL(q || p) instead of KL(p || q)
+    JSD: tl.constexpr,           # the generalised JSD, two passes (REVERSE is then unused)
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
     UNIT_T: tl.constexpr,        # T == 1: a = z, so lse_a = lse_z and q = sm
     BLOCK_V: tl.constexpr,
@@ -132,7 +173,7 @@ def _hrm_loss_fwd_kernel(
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)   # a scalar fp32 0 for loop carries
     m_z, s_z, m_a, s_a, m_b, s_b = zero - float("inf"), zero, zero - float("inf"), zero, \
         zero - float("inf"), zero
-    t = zero          # sum_v exp(x_v - m) * (x_v - other_v), x = b (forward) or a (reverse)
+    t = zero          # KL: sum_v exp(x_v - m) * (x_v - other_v), x = b (forward) or a (reverse)
     h = zero          # sum_v exp(a_v - m_a) * (a_v - m_a), for the entropy
     sum_z = zero
     for v0 in range(0, V, BLOCK_V):
@@ -148,22 +189,38 @@ def _hrm_loss_fwd_kernel(
             m_z, s_z, e_z, alpha_z = _online_lse(m_z, s_z, z)
             m_a, s_a, h, e_a, alpha_a = _online_lse_h(m_a, s_a, h, a)
         m_b, s_b, e_b, alpha_b = _online_lse(m_b, s_b, b)
-        if REVERSE:
+        if REVERSE and not JSD:
             t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
-        else:
+        elif not JSD:
             t = t * alpha_b + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=0)
         if SMOOTH:
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
     lse_z = m_z + tl.log(s_z)
     lse_a = m_a + tl.log(s_a)
     lse_b = m_b + tl.log(s_b)
-    if REVERSE:
-        mu = t / s_a
-        kl = mu + lse_b - lse_a
+    if JSD:   # pass 2: KL(q || m) and KL(p || m) with the final log-sum-exps
+        s3, s4 = zero, zero
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            lq = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if not UNIT_T:
+                lq = lq * inv_t
+            lq = lq - lse_a
+            lp = tl.load(u_row + v0 + cols, mask=mask,
+                         other=float("-inf")).to(tl.float32) * inv_t - lse_b
+            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+            q = tl.exp(lq)
+            p = tl.exp(lp)
+            s3 += tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=0)
+            s4 += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), axis=0)
+        kl = beta * s4 + (1.0 - beta) * s3
+    elif REVERSE:
+        s3, s4 = t / s_a, zero   # mu
+        kl = s3 + lse_b - lse_a
     else:
-        mu = t / s_b
-        kl = mu + lse_a - lse_b
-    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
+        s3, s4 = t / s_b, zero
+        kl = s3 + lse_a - lse_b
+    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true D >= 0; NaN passes through
 
     _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
@@ -171,8 +228,8 @@ def _hrm_loss_fwd_kernel(
     tl.store(stats_ptr + 5 * row, lse_z)
     tl.store(stats_ptr + 5 * row + 1, lse_a)
     tl.store(stats_ptr + 5 * row + 2, lse_b)
-    tl.store(stats_ptr + 5 * row + 3, mu)
-    tl.store(stats_ptr + 5 * row + 4, 0.0)
+    tl.store(stats_ptr + 5 * row + 3, s3)
+    tl.store(stats_ptr + 5 * row + 4, s4)
 
 
 @triton.jit
@@ -180,13 +237,14 @@ def _hrm_loss_bwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V)
     u_ptr, u_sb, u_ss,           # teacher logits (B, S, V)
     y_ptr,                       # labels (N,)
-    stats_ptr,                   # (N, 5) fp32 from the forward: lse(z), lse(z/T), lse(u/T), mu, 0
+    stats_ptr,                   # (N, 5) fp32 from the forward: lse(z), lse(z/T), lse(u/T), then
+                                 # mu, 0 (KL) or KL(q || m), KL(p || m) (JSD)
     g_ptr, g_stride,             # incoming gradient of the per-row loss (N,) fp32; stride 0 = scalar
     dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
     du_ptr, du_sb, du_ss,        # (B, S, V) out, teacher dtype; unused unless WRITE_DU
-    S, V, hrm, inv_t, eps, ignore_index,
-    REVERSE: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DU: tl.constexpr, UNIT_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    S, V, hrm, inv_t, eps, ignore_index, beta, log_beta, log_1m_beta,
+    REVERSE: tl.constexpr, JSD: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DU: tl.constexpr,
+    UNIT_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # grid = (N, cdiv(V, BLOCK_V)): each program owns one block of one row, so reading z and
     # writing dz at the same addresses is safe in place.
@@ -210,7 +268,7 @@ def _hrm_loss_bwd_kernel(
     if HAS_KL:
         lse_a = tl.load(stats_ptr + 5 * row + 1)
         lse_b = tl.load(stats_ptr + 5 * row + 2)
-        mu = tl.load(stats_ptr + 5 * row + 3)
+        s3 = tl.load(stats_ptr + 5 * row + 3)
         b = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
                     other=float("-inf")).to(tl.float32) * inv_t
         if UNIT_T:
@@ -221,12 +279,19 @@ def _hrm_loss_bwd_kernel(
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
         c = hrm * inv_t
-        if REVERSE:
-            dz += c * tl.where(q > 0.0, q * ((a - b) - mu), 0.0)
+        if JSD:   # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
+            lq = a - lse_a
+            lp = b - lse_b
+            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+            s4 = tl.load(stats_ptr + 5 * row + 4)
+            dz += c * (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
+            du = c * beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
+        elif REVERSE:   # s3 = mu = E_q[a - b]
+            dz += c * tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
             du = c * (p - q)
-        else:
+        else:           # s3 = mu = E_p[b - a]
             dz += c * (q - p)
-            du = c * tl.where(p > 0.0, p * ((b - a) - mu), 0.0)
+            du = c * tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
     else:
         du = tl.zeros([BLOCK_V], tl.float32)   # hrm == 0: the teacher gets an exact zero gradient
     if WRITE_DU:
@@ -276,10 +341,12 @@ def _no_output(*args):
     return None
 
 
-def _kl_reverse(beta):
-    if beta not in (0.0, 1.0):
-        raise NotImplementedError("the Triton JSD kernels are not written yet")
-    return beta == 1.0
+def divergence_args(beta):
+    """The kernels' JSD scalars (beta, log beta, log(1 - beta)) and flags REVERSE, JSD: beta = 0
+    and 1 take the one-pass KL kernels (the scalars are then unused)."""
+    jsd = 0.0 < beta < 1.0
+    logs = (math.log(beta), math.log1p(-beta)) if jsd else (0.0, 0.0)
+    return (beta, *logs), dict(REVERSE=beta == 1.0, JSD=jsd)
 
 
 @custom_triton_op("hrmkernels::hrm_loss_fwd_triton", (), _fwd_fake)
@@ -289,14 +356,14 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
     n, v = labels.shape[0], z.shape[-1]
     loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
     stats = torch.empty(n, 5, dtype=torch.float32, device=z.device)
+    scalars, flags = divergence_args(beta)
     if n:
         with _device_of(z):
             wrap_triton(_hrm_loss_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
                 loss, ce, kl, ent, stats, z.shape[1], v, hrm, 1.0 / temperature,
-                label_smoothing, ignore_index,
-                REVERSE=_kl_reverse(beta), SMOOTH=label_smoothing > 0,
-                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v), num_warps=8)
+                label_smoothing, ignore_index, *scalars, SMOOTH=label_smoothing > 0,
+                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v), num_warps=8, **flags)
     return loss, ce, kl, ent, stats
 
 
@@ -310,13 +377,14 @@ def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: 
     block = _block_v(v)
     write_du = du is not None
     du = du if write_du else dz
+    scalars, flags = divergence_args(beta)
     with _device_of(z):
         wrap_triton(_hrm_loss_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
             grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),
-            z.shape[1], v, hrm, 1.0 / temperature, label_smoothing, ignore_index,
-            REVERSE=_kl_reverse(beta), HAS_KL=hrm > 0, WRITE_DU=write_du,
-            UNIT_T=temperature == 1.0, BLOCK_V=block, num_warps=8)
+            z.shape[1], v, hrm, 1.0 / temperature, label_smoothing, ignore_index, *scalars,
+            HAS_KL=hrm > 0, WRITE_DU=write_du, UNIT_T=temperature == 1.0, BLOCK_V=block,
+            num_warps=8, **flags)
 
 
 def hrm_loss_fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):

@@ -2,8 +2,12 @@
 
 Notation as in hrm_loss.py, with the logits formed on chip from the heads:
 
-    z = x_s W_s^T + b_s        student logits, x_s (N, Hs), W_s (V, Hs), b_s (V,)
-    u = x_t W_t^T + b_t        teacher logits, x_t (N, Ht), W_t (V, Ht)  (or read from memory)
+    z = f_s(x_s W_s^T + b_s)   student logits, x_s (N, Hs), W_s (V, Hs), b_s (V,)
+    u = f_t(x_t W_t^T + b_t)   teacher logits, x_t (N, Ht), W_t (V, Ht)  (or read from memory)
+
+with f each head's logit transform (linear_autograd.py): c tanh(s x / c) with a softcap c, else
+s x, applied to the fp32 tile on chip; its derivative s (1 - (f / c)^2) (or s) multiplies the
+logit gradient tile before the head gradients.
 
 A program owns a (BLOCK_N x BLOCK_V) logit tile at a time: it is a tl.dot loop over the hidden
 size with an fp32 accumulator, so no logit is ever rounded to the input dtype (the Liger #1432
@@ -13,7 +17,9 @@ carried across vocabulary tiles by the online log-sum-exp.
 Gradients, with dz and du the per-element logit gradients of hrm_loss.py (times the row's
 incoming gradient g; 0 on ignored rows):
 
-    d x_s = dz W_s      d W_s = dz^T x_s      d b_s = sum_rows dz      (teacher: du, x_t, W_t)
+    d x_s = dz' W_s     d W_s = dz'^T x_s     d b_s = sum_rows dz'     (teacher: du', x_t, W_t)
+
+with dz' = dz f_s'(x_s W_s^T + b_s), and likewise du' (precomputed teacher logits get du itself).
 
 The teacher makes dz dense (q - p is non-zero everywhere), so CCE's gradient filtering (skip a
 tile whose |dz| < eps) would drop the distillation term: there is no filtering here.
@@ -26,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hrmkernels.kernels.triton.hrm_loss import INTERPRETED, _device_of
+from hrmkernels.kernels.triton.hrm_loss import (INTERPRETED, _device_of, _log_mix,
+                                                divergence_args)
 
 # Tiles. The interpreter pays per operation, so it gets the smallest legal dot tiles (tests
 # use N <= 16, H <= 32); the GPU values are a first guess that needs tuning on a GPU.
@@ -38,10 +45,36 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _tanh(x):
+    """tanh to a few ulps from exp alone (the interpreter has no libdevice): (1 - e) / (1 + e),
+    e = exp(-2|x|), loses at most two bits for |x| >= 1/8; below, the Taylor series to x^7
+    (truncation < 2e-9 relative). tanh(+-inf) = +-1, NaN passes through."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _transform_grad(f, scale, cap, CAP: tl.constexpr):
+    """d f / d x of the logit transform, from its output f: scale (1 - (f / cap)^2), or scale."""
+    if CAP:
+        t = f / cap
+        d = scale * (1.0 - t * t)
+    else:
+        d = scale
+    return d
+
+
+@triton.jit
 def _logits_tile(x_ptr, x_stride, w_ptr, w_stride, b_ptr, rows, cols, row_mask, col_mask, H,
-                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[rows] @ w[cols]^T (+ b[cols]): a (BLOCK_N, BLOCK_V) fp32 tile; rows, cols int64.
+                 scale, cap, HAS_BIAS: tl.constexpr, CAP: tl.constexpr, DOT_F32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """f(x[rows] @ w[cols]^T (+ b[cols])): a (BLOCK_N, BLOCK_V) fp32 tile; rows, cols int64;
+    f the logit transform: cap tanh(scale y / cap) when CAP, else scale y.
 
     Reads BLOCK_N*H + BLOCK_V*H elements, 2*BLOCK_N*BLOCK_V*H FLOPs. Out-of-range rows and
     columns load zeros (finite results the callers mask).
@@ -59,7 +92,28 @@ def _logits_tile(x_ptr, x_stride, w_ptr, w_stride, b_ptr, rows, cols, row_mask, 
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if CAP:
+        acc = cap * _tanh(acc * (scale / cap))
+    else:
+        acc = acc * scale
     return acc
+
+
+@triton.jit
+def _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride, rows, cols,
+                  row_mask, col_mask, Ht, scale, cap, TEACHER_LOGITS: tl.constexpr,
+                  HAS_BT: tl.constexpr, T_CAP: tl.constexpr, DOT_F32_T: tl.constexpr,
+                  PREC_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """The teacher's fp32 logit tile: read from u (used as given), or formed like the student's."""
+    if TEACHER_LOGITS:
+        u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols, row_mask,
+                         col_mask, Ht, scale, cap, HAS_BT, T_CAP, DOT_F32_T, PREC_T,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+    return u
 
 
 @triton.jit
@@ -72,27 +126,47 @@ def _online_lse_rows(m, s, x):
     return m_new, s * alpha + tl.sum(e, axis=1), e, alpha
 
 
+@triton.jit
+def _online_lse_rows_h(m, s, h, x):
+    """_online_lse_rows that also carries h = sum exp(x - m) (x - m) per row, for the entropy
+    (hrm_loss.py's _online_lse_h)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    shift = tl.where(s > 0.0, s * (m - m_safe), 0.0)     # s == 0 while m is -inf
+    h = alpha * (h + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_safe[:, None]), 0.0), axis=1)
+    return m_new, s * alpha + tl.sum(e, axis=1), h, e, alpha
+
+
 # Forward. grid = (cdiv(N, BLOCK_N), SPLIT): program (i, j) folds vocabulary tiles
-# [j * tiles_per_split, (j + 1) * tiles_per_split) of rows block i into six partial statistics
-# per row, merged in merge_partials (SPLIT > 1 keeps the GPU busy when N is small):
+# [j * tiles_per_split, (j + 1) * tiles_per_split) of rows block i into the online state of
+# the logits kernel, ten numbers per row, merged in merge_partials by one more online step
+# (SPLIT > 1 keeps the GPU busy when N is small):
 #
-#     lse(z), lse(a), lse(b) over the range, E = t / s (the p-weighted mean of b - a for forward
-#     KL, the q-weighted mean of a - b for reverse), sum_v z_v (label smoothing), z_y (0 unless
-#     the label lies in the range).
+#     (max, sum) of z, a and b over the range, t (the KL's weighted sum, relative to the max of
+#     b (forward) or a (reverse)), h (the entropy's, relative to the max of a), sum_v z_v
+#     (label smoothing), z_y (0 unless the label lies in the range).
+#
+# Keeping the maxima and sums apart, not their log-sum-exps, makes the merge as exact as one
+# range: a rounded lse ~ 1e4 would shift the ranges' weights by its ulp.
 #
 # FLOPs 2 N V (Hs + Ht) (no teacher GEMM when hrm == 0 or teacher logits are given; then N V
 # teacher logits are read instead). Bytes: W_s, W_t once per row block (L2 shares them between
-# programs that run together), x once per vocabulary tile, SPLIT * N * 24 out; nothing N x V.
+# programs that run together), x once per vocabulary tile, SPLIT * N * 40 out; nothing N x V.
+# The JSD takes a second sweep (_linear_hrm_loss_jsd_kernel): 4 N V (Hs + Ht) FLOPs in all.
 @triton.jit
 def _linear_hrm_loss_fwd_kernel(
     xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr,   # student x (N, Hs), W (V, Hs), b (V,)
     xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr,   # teacher x (N, Ht), W (V, Ht), b (V,)
     u_ptr, u_stride,                                # teacher logits (N, V), when TEACHER_LOGITS
     y_ptr,                                          # labels (N,) int32/int64
-    part_ptr,                                       # (SPLIT, N, 6) fp32 out: partial statistics
+    part_ptr,                                       # (SPLIT, N, 10) fp32 out: partial statistics
     N, V, Hs, Ht, tiles_per_split, inv_t,
-    HAS_KL: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr, SMOOTH: tl.constexpr,
+    s_scale, s_cap, t_scale, t_cap,                 # logit transforms (cap used if S_CAP / T_CAP)
+    HAS_KL: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr, JSD: tl.constexpr,
+    SMOOTH: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -103,85 +177,132 @@ def _linear_hrm_loss_fwd_kernel(
     neg_inf = tl.full([BLOCK_N], float("-inf"), tl.float32)
     zero = tl.zeros([BLOCK_N], tl.float32)
     m_z, s_z, m_a, s_a, m_b, s_b = neg_inf, zero, neg_inf, zero, neg_inf, zero
-    t, sum_z, z_y = zero, zero, zero
+    t, h, sum_z, z_y = zero, zero, zero, zero
     v_lo = split * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, row_mask,
-                         col_mask, Hs, HAS_BS, DOT_F32_S, PREC_S, BLOCK_N, BLOCK_V, BLOCK_K)
+                         col_mask, Hs, s_scale, s_cap, HAS_BS, S_CAP, DOT_F32_S, PREC_S,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_z, s_z, e_z, alpha_z = _online_lse_rows(m_z, s_z, z)
+        if UNIT_T:
+            a = z
+            m_z, s_z, h, e_z, alpha_z = _online_lse_rows_h(m_z, s_z, h, z)
+            m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
+        else:
+            a = z * inv_t
+            m_z, s_z, e_z, alpha_z = _online_lse_rows(m_z, s_z, z)
+            m_a, s_a, h, e_a, alpha_a = _online_lse_rows_h(m_a, s_a, h, a)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         if SMOOTH:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         if HAS_KL:
-            if TEACHER_LOGITS:
-                u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :],
-                            mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            else:
-                u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols,
-                                 row_mask, col_mask, Ht, HAS_BT, DOT_F32_T, PREC_T,
-                                 BLOCK_N, BLOCK_V, BLOCK_K)
+            u = _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride,
+                              rows, cols, row_mask, col_mask, Ht, t_scale, t_cap, TEACHER_LOGITS,
+                              HAS_BT, T_CAP, DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
             b = tl.where(col_mask[None, :], u * inv_t, float("-inf"))
-            if UNIT_T:
-                a = z
-                m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
-            else:
-                a = z * inv_t
-                m_a, s_a, e_a, alpha_a = _online_lse_rows(m_a, s_a, a)
             m_b, s_b, e_b, alpha_b = _online_lse_rows(m_b, s_b, b)
             # A zero-probability entry contributes 0 (guarded: 0 * inf is NaN).
-            if REVERSE:
+            if REVERSE and not JSD:
                 t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=1)
-            else:
+            elif not JSD:
                 t = t * alpha_b + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=1)
-    if REVERSE:
-        s_w = s_a
-    else:
-        s_w = s_b
-    lse_z = m_z + tl.log(s_z)
-    lse_a, lse_b = lse_z, lse_z   # unused without the KL term (merge_partials ignores them)
-    if HAS_KL:
-        lse_a = m_a + tl.log(s_a)
-        lse_b = m_b + tl.log(s_b)
-    out = part_ptr + (split * N + rows) * 6
-    tl.store(out, lse_z, mask=row_mask)
-    tl.store(out + 1, lse_a, mask=row_mask)
-    tl.store(out + 2, lse_b, mask=row_mask)
-    tl.store(out + 3, tl.where(s_w > 0.0, t / s_w, 0.0), mask=row_mask)
-    tl.store(out + 4, sum_z, mask=row_mask)
-    tl.store(out + 5, z_y, mask=row_mask)
+    out = part_ptr + (split * N + rows) * 10
+    tl.store(out, m_z, mask=row_mask)
+    tl.store(out + 1, s_z, mask=row_mask)
+    tl.store(out + 2, m_a, mask=row_mask)
+    tl.store(out + 3, s_a, mask=row_mask)
+    tl.store(out + 4, m_b, mask=row_mask)
+    tl.store(out + 5, s_b, mask=row_mask)
+    tl.store(out + 6, t, mask=row_mask)
+    tl.store(out + 7, h, mask=row_mask)
+    tl.store(out + 8, sum_z, mask=row_mask)
+    tl.store(out + 9, z_y, mask=row_mask)
 
 
-def merge_partials(part, labels, v, hrm, label_smoothing, ignore_index, reverse, unit_t, with_kl):
-    """(SPLIT, N, 6) partial statistics -> loss, ce, kl (N,) and stats (N, 4), fp32, in torch ops.
+# JSD, second sweep. Same grid and ranges as the forward; with the merged lse(a), lse(b) of the
+# first sweep, program (i, j) recomputes its tiles and sums KL(q || m) and KL(p || m) over its
+# range (hrm_loss.py's pass 2: lm from logs, no NaN where p and q underflow). Plain sums: the
+# ranges add up. FLOPs 2 N V (Hs + Ht) again, bytes as the forward's, SPLIT * N * 8 out.
+@triton.jit
+def _linear_hrm_loss_jsd_kernel(
+    xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr,   # student head, as in the forward
+    xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr,   # teacher head
+    u_ptr, u_stride,                                # teacher logits (N, V), when TEACHER_LOGITS
+    stats_ptr,                                      # (N, 5) fp32: lse(z), lse(a), lse(b), ...
+    part_ptr,                                       # (SPLIT, N, 2) fp32 out: KL(q||m), KL(p||m)
+    N, V, Hs, Ht, tiles_per_split, inv_t,
+    s_scale, s_cap, t_scale, t_cap, log_beta, log_1m_beta,
+    TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+    DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lse_a = tl.load(stats_ptr + 5 * rows + 1, mask=row_mask, other=0.0)[:, None]
+    lse_b = tl.load(stats_ptr + 5 * rows + 2, mask=row_mask, other=0.0)[:, None]
+    kl_qm = tl.zeros([BLOCK_N], tl.float32)
+    kl_pm = tl.zeros([BLOCK_N], tl.float32)
+    v_lo = split * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, row_mask,
+                         col_mask, Hs, s_scale, s_cap, HAS_BS, S_CAP, DOT_F32_S, PREC_S,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        u = _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride,
+                          rows, cols, row_mask, col_mask, Ht, t_scale, t_cap, TEACHER_LOGITS,
+                          HAS_BT, T_CAP, DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
+        lq = tl.where(col_mask[None, :], z * inv_t, float("-inf")) - lse_a
+        lp = tl.where(col_mask[None, :], u * inv_t, float("-inf")) - lse_b
+        lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+        q = tl.exp(lq)
+        p = tl.exp(lp)
+        kl_qm += tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=1)
+        kl_pm += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), axis=1)
+    out = part_ptr + (split * N + rows) * 2
+    tl.store(out, kl_qm, mask=row_mask)
+    tl.store(out + 1, kl_pm, mask=row_mask)
 
-    log-sum-exps merge by logsumexp; the weighted means E_j merge into mu with the weights
-    exp(lse_j - lse) of their ranges (the share of the weighting distribution in range j).
-    stats = (lse(z), lse(a), lse(b), mu) per row, as the logits launchers save them: the
-    backward uses (b - a) - mu for log p - log q - KL, where the lse terms cancel.
+
+def _merge_lse(m, s):
+    """One more online log-sum-exp step over the ranges' (max, sum), each (SPLIT, N): the max
+    M, the factors r = exp(m - M) that carry each range's sums to M, and the merged sum."""
+    top = m.amax(0)
+    r = torch.exp(m - torch.where(top == float("-inf"), 0.0, top))   # empty range: exp(-inf) = 0
+    return top, r, (r * s).sum(0)
+
+
+def merge_partials(part, labels, v, label_smoothing, reverse, with_kl):
+    """(SPLIT, N, 10) online states -> ce, kl, entropy (N,) and stats (N, 5), fp32, torch ops.
+
+    kl is the KL (reverse or forward) when with_kl, else 0 (also for the JSD, whose second sweep
+    adds it); stats = (lse(z), lse(a), lse(b), mu, 0) per row, as the logits launchers save
+    them (the backward uses (b - a) - mu for log p - log q - KL, where the lse terms cancel).
     """
-    lse = torch.logsumexp(part[..., :3], dim=0)                          # (N, 3)
-    if unit_t:
-        lse[:, 1] = lse[:, 0]
-    w = 1 if reverse else 2
-    share = torch.exp(part[..., w] - lse[:, w])                          # (SPLIT, N)
-    mu = torch.where(share > 0, share * part[..., 3], 0.0).sum(0)        # NaN share (-inf row) -> 0
+    (m_z, r_z, s_z), (m_a, r_a, s_a), (m_b, r_b, s_b) = (
+        _merge_lse(part[..., i], part[..., i + 1]) for i in (0, 2, 4))
+    lse = torch.stack([m + s.log() for m, s in ((m_z, s_z), (m_a, s_a), (m_b, s_b))], 1)
+    # h relative to each range's max, moved to the common one as _online_lse_h does
+    shift = part[..., 2] - torch.where(m_a == float("-inf"), 0.0, m_a)
+    shift = torch.where(part[..., 3] > 0, part[..., 3] * shift, 0.0)
+    entropy = s_a.log() - (r_a * (part[..., 7] + shift)).sum(0) / s_a
+    r_w, s_w = (r_a, s_a) if reverse else (r_b, s_b)
+    mu = torch.where(s_w > 0, (r_w * part[..., 6]).sum(0) / s_w, 0.0)
     gap = lse[:, 2] - lse[:, 1]                                          # lse_b - lse_a
     kl = (mu + gap if reverse else mu - gap).clamp_min(0.0) if with_kl else torch.zeros_like(mu)
     y = labels.long()
-    z_y = torch.where((y >= 0) & (y < v), part[..., 5].sum(0), torch.nan)  # bad label: NaN CE
+    z_y = torch.where((y >= 0) & (y < v), part[..., 9].sum(0), torch.nan)  # bad label: NaN CE
     ce = lse[:, 0] - z_y
     if label_smoothing > 0:
         eps = float(label_smoothing)
-        ce = lse[:, 0] - (1 - eps) * z_y - eps * part[..., 4].sum(0) / v
-    loss = ce + hrm * kl if hrm > 0 else ce
-    keep = y != ignore_index
-    loss, ce, kl = (torch.where(keep, x, 0.0) for x in (loss, ce, kl))
-    stats = torch.cat((lse, mu[:, None]), 1)
-    return loss, ce, kl, torch.where(keep[:, None], stats, 0.0)
+        ce = lse[:, 0] - (1 - eps) * z_y - eps * part[..., 8].sum(0) / v
+    return ce, kl, entropy, torch.cat((lse, mu[:, None], torch.zeros_like(mu)[:, None]), 1)
 
 
 @triton.jit
@@ -223,8 +344,9 @@ def _accumulate_head_grads(d, x_ptr, x_stride, w_ptr, w_stride, dx_ptr, dw_ptr, 
 
 
 # Backward. grid = (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): program (i, j) recomputes the z (and u)
-# tile, forms dz (and du) from the saved lse and KL exactly as _hrm_loss_bwd_kernel does, and
-# adds its share of the head gradients.
+# tile, forms dz (and du) from the saved lse and KL (or JSD) statistics exactly as
+# _hrm_loss_bwd_kernel does, chains them through the logit transforms, and adds its share of
+# the head gradients.
 #
 # FLOPs: 2 N V (Hs + Ht) recomputation + 4 N V Hs for d x_s, d W_s (+ 4 N V Ht for teacher
 # gradients). Bytes: the recomputation reads as the forward does; the atomics add
@@ -236,15 +358,17 @@ def _linear_hrm_loss_bwd_kernel(
     xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr,   # student head, as in the forward
     xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr,   # teacher head
     u_ptr, u_stride,                                # teacher logits (N, V), when TEACHER_LOGITS
-    y_ptr, stats_ptr,                               # labels (N,); (N, 4) fp32 from the forward
+    y_ptr, stats_ptr,                               # labels (N,); (N, 5) fp32 from the forward
     g_ptr, g_stride,                                # per-row incoming gradient (N,); 0 stride ok
     dxs_ptr, dws_ptr, dbs_ptr,                      # fp32 (N, Hs), (V, Hs), (V,) accumulators
     dxt_ptr, dwt_ptr, dbt_ptr,                      # fp32 (N, Ht), (V, Ht), (V,) accumulators
     du_ptr, du_stride,                              # (N, V) out, teacher logits' dtype
     N, V, Hs, Ht, hrm, inv_t, eps, ignore_index,
+    s_scale, s_cap, t_scale, t_cap, beta, log_beta, log_1m_beta,
     S_GRADS: tl.constexpr, T_GRADS: tl.constexpr,   # bit masks, see above
-    HAS_KL: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_KL: tl.constexpr, UNIT_T: tl.constexpr, REVERSE: tl.constexpr, JSD: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     DOT_F32_S: tl.constexpr, DOT_F32_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -255,49 +379,55 @@ def _linear_hrm_loss_bwd_kernel(
     keep = row_mask & (y != ignore_index)
     live = keep[:, None] & col_mask[None, :]
     g = tl.load(g_ptr + rows * g_stride, mask=keep, other=0.0).to(tl.float32)
-    lse_z = tl.load(stats_ptr + 4 * rows, mask=keep, other=0.0)
-    z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, row_mask, col_mask,
-                     Hs, HAS_BS, DOT_F32_S, PREC_S, BLOCK_N, BLOCK_V, BLOCK_K)
+    lse_z = tl.load(stats_ptr + 5 * rows, mask=keep, other=0.0)
+    z = _logits_tile(xs_ptr, xs_stride, ws_ptr, ws_stride, bs_ptr, rows, cols, keep, col_mask,
+                     Hs, s_scale, s_cap, HAS_BS, S_CAP, DOT_F32_S, PREC_S,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
     sm = tl.exp(z - lse_z[:, None])
     dz = sm - eps / V - tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0)
     if HAS_KL:
-        lse_a = tl.load(stats_ptr + 4 * rows + 1, mask=keep, other=0.0)
-        lse_b = tl.load(stats_ptr + 4 * rows + 2, mask=keep, other=0.0)
-        mu = tl.load(stats_ptr + 4 * rows + 3, mask=keep, other=0.0)[:, None]
-        if TEACHER_LOGITS:
-            u = tl.load(u_ptr + rows[:, None] * u_stride + cols[None, :], mask=live,
-                        other=0.0).to(tl.float32)
-        else:
-            u = _logits_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, rows, cols, row_mask,
-                             col_mask, Ht, HAS_BT, DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
+        lse_a = tl.load(stats_ptr + 5 * rows + 1, mask=keep, other=0.0)[:, None]
+        lse_b = tl.load(stats_ptr + 5 * rows + 2, mask=keep, other=0.0)[:, None]
+        s3 = tl.load(stats_ptr + 5 * rows + 3, mask=keep, other=0.0)[:, None]
+        u = _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride, rows,
+                          cols, keep, col_mask, Ht, t_scale, t_cap, TEACHER_LOGITS, HAS_BT, T_CAP,
+                          DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         b = u * inv_t
         if UNIT_T:
             a = z
             q = sm
         else:
             a = z * inv_t
-            q = tl.exp(a - lse_a[:, None])
-        p = tl.exp(b - lse_b[:, None])
+            q = tl.exp(a - lse_a)
+        p = tl.exp(b - lse_b)
         c = hrm * inv_t
-        if REVERSE:   # log q - log p - KL = (a - b) - mu
-            dz += c * tl.where(q > 0.0, q * ((a - b) - mu), 0.0)
+        if JSD:         # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
+            s4 = tl.load(stats_ptr + 5 * rows + 4, mask=keep, other=0.0)[:, None]
+            lq = a - lse_a
+            lp = b - lse_b
+            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+            dz += c * (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
+            du = c * beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
+        elif REVERSE:   # log q - log p - KL = (a - b) - mu, s3 = mu
+            dz += c * tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
             du = c * (p - q)
-        else:         # log p - log q - KL = (b - a) - mu
+        else:           # log p - log q - KL = (b - a) - mu
             dz += c * (q - p)
-            du = c * tl.where(p > 0.0, p * ((b - a) - mu), 0.0)
+            du = c * tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
         du = tl.where(live, du * g[:, None], 0.0)
         if T_GRADS & 8:   # each element of du belongs to this program alone: a plain store
             tl.store(du_ptr + rows[:, None] * du_stride + cols[None, :],
                      du.to(du_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
         if T_GRADS & 7:
-            _accumulate_head_grads(du, xt_ptr, xt_stride, wt_ptr, wt_stride, dxt_ptr, dwt_ptr,
-                                   dbt_ptr, rows, cols, row_mask, col_mask, Ht, T_GRADS & 7,
-                                   DOT_F32_T, PREC_T, BLOCK_K)
+            _accumulate_head_grads(du * _transform_grad(u, t_scale, t_cap, T_CAP), xt_ptr,
+                                   xt_stride, wt_ptr, wt_stride, dxt_ptr, dwt_ptr, dbt_ptr, rows,
+                                   cols, row_mask, col_mask, Ht, T_GRADS & 7, DOT_F32_T, PREC_T,
+                                   BLOCK_K)
     dz = tl.where(live, dz * g[:, None], 0.0)   # ignored rows, padding: exactly 0
     if S_GRADS:
-        _accumulate_head_grads(dz, xs_ptr, xs_stride, ws_ptr, ws_stride, dxs_ptr, dws_ptr, dbs_ptr,
-                               rows, cols, row_mask, col_mask, Hs, S_GRADS,
-                               DOT_F32_S, PREC_S, BLOCK_K)
+        _accumulate_head_grads(dz * _transform_grad(z, s_scale, s_cap, S_CAP), xs_ptr, xs_stride,
+                               ws_ptr, ws_stride, dxs_ptr, dws_ptr, dbs_ptr, rows, cols, row_mask,
+                               col_mask, Hs, S_GRADS, DOT_F32_S, PREC_S, BLOCK_K)
 
 
 def _dot_options(dtype):
@@ -309,8 +439,9 @@ def _dot_options(dtype):
                                                                "tf32")
 
 
-def _common(xs, ws, bs, xt, wt, bt, u, has_kl, temperature, reverse):
-    """Arguments and constexprs the two launchers share."""
+def _common(xs, ws, bs, xt, wt, bt, u, transforms):
+    """Arguments and constexprs the launchers share: the heads, the teacher logits, and the
+    tiles' flags; transforms ((scale, softcap), (scale, softcap)) as in linear_autograd.py."""
     teacher_logits = u is not None
     student = (xs, xs.stride(0), ws, ws.stride(0), bs if bs is not None else ws)
     teacher = (xt, xt.stride(0), wt, wt.stride(0), bt if bt is not None else wt) \
@@ -319,11 +450,13 @@ def _common(xs, ws, bs, xt, wt, bt, u, has_kl, temperature, reverse):
     dot_t = _dot_options(xt.dtype) if xt is not None else dot_s
     u_args = (u, u.stride(0)) if teacher_logits else (xs, 0)
     ht = xt.shape[1] if xt is not None else 0
-    flags = dict(HAS_KL=has_kl, TEACHER_LOGITS=teacher_logits, HAS_BS=bs is not None,
-                 HAS_BT=bt is not None, UNIT_T=temperature == 1.0, REVERSE=reverse,
+    (s_scale, s_cap), (t_scale, t_cap) = transforms
+    caps = (s_scale, s_cap or 1.0, t_scale, t_cap or 1.0)
+    flags = dict(TEACHER_LOGITS=teacher_logits, HAS_BS=bs is not None, HAS_BT=bt is not None,
+                 S_CAP=s_cap is not None, T_CAP=t_cap is not None,
                  DOT_F32_S=dot_s[0], DOT_F32_T=dot_t[0], PREC_S=dot_s[1], PREC_T=dot_t[1],
                  BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
-    return (*student, *teacher, *u_args), ht, flags
+    return (*student, *teacher, *u_args), ht, caps, flags
 
 
 def _default_split(n, v, device):
@@ -335,33 +468,57 @@ def _default_split(n, v, device):
     return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(n, BLOCK_N))))
 
 
+NO_TRANSFORMS = ((1.0, None), (1.0, None))
+
+
 def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, label_smoothing,
-                        ignore_index, reverse, with_kl=None, split=None):
-    """Loss, CE, KL (N,) and stats (N, 4), fp32, of the logits x_s W_s^T + b_s, x_t W_t^T + b_t.
+                        ignore_index, beta, transforms=NO_TRANSFORMS, with_kl=None, split=None):
+    """Loss, CE, D, entropy (N,) and stats (N, 5), fp32, of the logits f_s(x_s W_s^T + b_s) and
+    f_t(x_t W_t^T + b_t) (or u), as the logits launchers' (kernels/__init__.py).
 
     xs (N, Hs), ws (V, Hs), xt (N, Ht), wt (V, Ht), u (N, V): unit last stride; biases (V,)
-    contiguous or None; either (xt, wt, bt) or u; labels (N,). with_kl: compute the KL even at
-    hrm == 0 (default: only when hrm > 0; else the teacher is never read and KL is 0).
-    split: vocabulary splits (default: enough programs to fill the GPU).
+    contiguous or None; either (xt, wt, bt) or u; labels (N,). beta: 0 forward KL, 1 reverse,
+    else the JSD (a second GEMM sweep). transforms: ((scale, softcap), (scale, softcap)) of the
+    student and teacher heads. with_kl: compute D even at hrm == 0 (default: only when
+    hrm > 0; else the teacher is never read and D is 0). split: vocabulary splits (default:
+    enough programs to fill the GPU).
     """
     with_kl = hrm > 0 if with_kl is None else with_kl or hrm > 0
     n, v = labels.numel(), ws.shape[0]
     split = split or _default_split(n, v, xs.device)
     tiles_per_split = triton.cdiv(triton.cdiv(v, BLOCK_V), split)
     split = triton.cdiv(triton.cdiv(v, BLOCK_V), tiles_per_split)   # no empty ranges
-    part = torch.empty(split, n, 6, dtype=torch.float32, device=xs.device)
-    args, ht, flags = _common(xs, ws, bs, xt, wt, bt, u, with_kl, temperature, reverse)
+    part = torch.empty(split, n, 10, dtype=torch.float32, device=xs.device)
+    args, ht, caps, flags = _common(xs, ws, bs, xt, wt, bt, u, transforms)
+    (_, log_beta, log_1m_beta), divergence = divergence_args(beta)
+    jsd = divergence["JSD"] and with_kl
+    grid = (triton.cdiv(n, BLOCK_N), split)
     if n:
         with _device_of(xs):
-            _linear_hrm_loss_fwd_kernel[(triton.cdiv(n, BLOCK_N), split)](
+            _linear_hrm_loss_fwd_kernel[grid](
                 *args, labels, part, n, v, xs.shape[1], ht, tiles_per_split, 1.0 / temperature,
-                SMOOTH=label_smoothing > 0, **flags)
-    return merge_partials(part, labels, v, hrm, label_smoothing, ignore_index, reverse,
-                          temperature == 1.0, with_kl)
+                *caps, HAS_KL=with_kl, UNIT_T=temperature == 1.0, SMOOTH=label_smoothing > 0,
+                **divergence, **flags)
+    ce, kl, entropy, stats = merge_partials(part, labels, v, label_smoothing,
+                                            divergence["REVERSE"], with_kl and not jsd)
+    if jsd:   # the second sweep, with the merged log-sum-exps
+        part = torch.empty(split, n, 2, dtype=torch.float32, device=xs.device)
+        if n:
+            with _device_of(xs):
+                _linear_hrm_loss_jsd_kernel[grid](
+                    *args, stats, part, n, v, xs.shape[1], ht, tiles_per_split,
+                    1.0 / temperature, *caps, log_beta, log_1m_beta, **flags)
+        kl_qm, kl_pm = part.sum(0).unbind(1)
+        kl = (beta * kl_pm + (1 - beta) * kl_qm).clamp_min(0.0)
+        stats = torch.cat((stats[:, :3], kl_qm[:, None], kl_pm[:, None]), 1)
+    loss = ce + hrm * kl if hrm > 0 else ce
+    keep = labels != ignore_index
+    loss, ce, kl, entropy = (torch.where(keep, x, 0.0) for x in (loss, ce, kl, entropy))
+    return loss, ce, kl, entropy, torch.where(keep[:, None], stats, 0.0)
 
 
 def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, temperature,
-                        label_smoothing, ignore_index, reverse, want):
+                        label_smoothing, ignore_index, beta, transforms, want):
     """Gradients of sum_r grad_r * loss_r, as the 7-tuple (d xs, d ws, d bs, d xt, d wt, d bt, d u).
 
     `want` is a 7-tuple of bools in the same order; unwanted entries are None. Head gradients
@@ -379,7 +536,8 @@ def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, tem
         du = new(u, memory_format=torch.contiguous_format)
     s_grads = sum(1 << i for i, w in enumerate(want[:3]) if w)
     t_grads = sum(1 << i for i, w in enumerate(want[3:]) if w) if hrm > 0 else 0   # else exactly 0
-    args, ht, flags = _common(xs, ws, bs, xt, wt, bt, u, hrm > 0, temperature, reverse)
+    args, ht, caps, flags = _common(xs, ws, bs, xt, wt, bt, u, transforms)
+    scalars, divergence = divergence_args(beta)
     if n and (s_grads or t_grads):
         dummy = stats
         with _device_of(xs):
@@ -388,7 +546,8 @@ def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, tem
                 *(a if a is not None else dummy for a in acc),
                 du if du is not None else dummy, du.stride(0) if du is not None else 0,
                 n, v, xs.shape[1], ht, float(hrm), 1.0 / temperature, float(label_smoothing),
-                ignore_index, S_GRADS=s_grads, T_GRADS=t_grads, **flags)
+                ignore_index, *caps, *scalars, S_GRADS=s_grads, T_GRADS=t_grads,
+                HAS_KL=hrm > 0, UNIT_T=temperature == 1.0, **divergence, **flags)
     dtypes = (xs.dtype, ws.dtype, ws.dtype, *((xt.dtype, wt.dtype, wt.dtype) if xt is not None
                                               else [None] * 3))
     return (*(a.to(d) if a is not None else None for a, d in zip(acc, dtypes)), du)

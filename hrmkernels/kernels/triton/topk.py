@@ -26,6 +26,13 @@ plus k gathers. Two choices for the teacher's mass outside the top-k (reference.
 
   and 0 outside the top-k. CE and its gradient are the dense kernel's, on the full row.
 
+JSD (0 < beta < 1): hrm_loss.py's generalised JSD between the two distributions over the same
+k + 1 ("rest") or k ("renormalize") outcomes, lm = log(beta p + (1 - beta) q) per outcome from
+logs. Its gradient is dense JSD's, (1 - beta) q (lq - lm - KL(q || m)), per outcome, and through
+Q the rest bucket's spreads over the entries outside the top-k as the KL's does: every one gets
+(1 - beta) q_v (log Q - log M - KL(q || m)), M = beta P + (1 - beta) Q. Bounded by -log beta and
+-log(1 - beta), the JSD stays finite where the KL is infinite (P = 0 < Q, Q = 0 < P).
+
 Numerics. Q is never 1 - sum_i q_{t_i}: for a confident student that difference cancels to 0 in
 fp32 (Q < 1e-7) and the KL would be infinite. Instead the forward excludes the top-k from a
 third online log-sum-exp, lse_rest(a), block by block: with the ids sorted, each block's members
@@ -36,7 +43,8 @@ P = 1e-9, not 0, and P ~ 1e-4 keeps more than fp32's three digits. With k = V th
 outcome and P = 0 (rounded log-probabilities need not add up to exactly 1).
 
 Stats saved per row (N, 4): lse(z), lse_s (lse(a) for "rest", lse over the top-k of a for
-"renormalize"), L ("rest") or lse_t = lse(l) ("renormalize"), and KL.
+"renormalize"), L ("rest"; JSD: log Q - log M, 0 where Q = 0) or lse_t = lse(l)
+("renormalize"), and KL (JSD: KL(q || m)).
 
 Bytes per row (bf16 student, int64 ids, fp32 log-probabilities): forward reads z once (2V) and
 12k for the teacher; backward reads z again and writes dz (4V), plus 12k per vocabulary block.
@@ -49,9 +57,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _kl_reverse, _online_lse,
+from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _log_mix, _online_lse,
                                                 _online_lse_h, _store_ce_loss, _store_ignored_row,
-                                                custom_triton_op)
+                                                custom_triton_op, divergence_args)
 
 
 @triton.jit
@@ -86,6 +94,16 @@ def _bucket_kl(log_w, log_v):
 
 
 @triton.jit
+def _jsd_terms(lp, lq, log_beta, log_1m_beta):
+    """KL(p || m) and KL(q || m) over a vector of outcomes given by their logs; 0 * log 0 = 0."""
+    lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    return (tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), axis=0),
+            tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=0))
+
+
+@triton.jit
 def _hrm_loss_topk_fwd_kernel(
     z_ptr, z_sb, z_ss,           # student logits (B, S, V), fp32/bf16/fp16, unit last stride
     i_ptr, i_sb, i_ss,           # teacher top-k ids (B, S, K), int32/int64, unit last stride
@@ -94,9 +112,11 @@ def _hrm_loss_topk_fwd_kernel(
     y_ptr,                       # labels (N,) int32/int64
     loss_ptr, ce_ptr, kl_ptr,    # (N,) fp32 out: CE + hrm * KL, CE, KL (0 at ignored rows)
     ent_ptr,                     # (N,) fp32 out: entropy of q = softmax(z/T)
-    stats_ptr,                   # (N, 4) fp32 out: lse(z), lse_s, L or lse_t, KL
+    stats_ptr,                   # (N, 4) fp32 out: lse(z), lse_s, L or lse_t, KL (module doc)
     S, V, K, hrm, inv_t, eps, ignore_index,
+    beta, log_beta, log_1m_beta,  # the JSD's beta, log beta, log(1 - beta) (JSD only)
     REVERSE: tl.constexpr,       # KL(student || teacher)
+    JSD: tl.constexpr,           # the generalised JSD (REVERSE is then unused)
     REST: tl.constexpr,          # "rest" bucket, else "renormalize"
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
     UNIT_T: tl.constexpr,        # T == 1: a = z
@@ -168,19 +188,30 @@ def _hrm_loss_topk_fwd_kernel(
         pr = tl.where(K == V, 0.0, pr)    # k = V: nothing is left outside, whatever the rounding
         log_pr = tl.log(pr).to(tl.float32)
         ls = a_top - lse_s
-        if REVERSE:
+        if JSD:
+            lm_r = _log_mix(log_pr, log_qr, log_beta, log_1m_beta)   # the bucket's log M
+            kl_pm, kl_qm = _jsd_terms(lp, ls, log_beta, log_1m_beta)
+            kl_pm += tl.where(log_pr > float("-inf"), tl.exp(log_pr) * (log_pr - lm_r), 0.0)
+            kl_qm += tl.where(log_qr > float("-inf"), tl.exp(log_qr) * (log_qr - lm_r), 0.0)
+            kl = beta * kl_pm + (1.0 - beta) * kl_qm
+            slot2 = tl.where(log_qr > float("-inf"), log_qr - lm_r, 0.0)
+        elif REVERSE:
             q = tl.exp(ls)
             kl = tl.sum(tl.where(q > 0.0, q * (ls - lp), 0.0), axis=0) + _bucket_kl(log_qr, log_pr)
         else:
             p = tl.exp(lp)
             kl = tl.sum(tl.where(p > 0.0, p * (lp - ls), 0.0), axis=0) + _bucket_kl(log_pr, log_qr)
-        slot2 = tl.where(pr > 0.0, log_qr + lse_s - log_pr, float("inf"))   # L
+        if not JSD:
+            slot2 = tl.where(pr > 0.0, log_qr + lse_s - log_pr, float("inf"))   # L
     else:
         lse_s = _lse_vec(a_top)
         slot2 = _lse_vec(lp)                                               # lse_t
         ls = a_top - lse_s
         lt = lp - slot2
-        if REVERSE:
+        if JSD:
+            kl_pm, kl_qm = _jsd_terms(lt, ls, log_beta, log_1m_beta)
+            kl = beta * kl_pm + (1.0 - beta) * kl_qm
+        elif REVERSE:
             q = tl.exp(ls)
             kl = tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
         else:
@@ -188,6 +219,9 @@ def _hrm_loss_topk_fwd_kernel(
             kl = tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
     kl = tl.where(all_ok, kl, float("nan"))
+    slot3 = kl
+    if JSD:
+        slot3 = tl.where(all_ok, kl_qm, float("nan"))
 
     _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
@@ -195,7 +229,7 @@ def _hrm_loss_topk_fwd_kernel(
     tl.store(stats_ptr + 4 * row, lse_z)
     tl.store(stats_ptr + 4 * row + 1, lse_s)
     tl.store(stats_ptr + 4 * row + 2, slot2)
-    tl.store(stats_ptr + 4 * row + 3, kl)
+    tl.store(stats_ptr + 4 * row + 3, slot3)
 
 
 @triton.jit
@@ -207,9 +241,9 @@ def _hrm_loss_topk_bwd_kernel(
     stats_ptr,                   # (N, 4) fp32 from the forward
     g_ptr, g_stride,             # incoming gradient of the per-row loss (N,); stride 0 = scalar
     dz_ptr, dz_sb, dz_ss,        # (B, S, V) out, student dtype; may alias z (inplace_backward)
-    S, V, K, hrm, inv_t, eps, ignore_index,
-    REVERSE: tl.constexpr, REST: tl.constexpr, HAS_KL: tl.constexpr, UNIT_T: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S, V, K, hrm, inv_t, eps, ignore_index, beta, log_beta, log_1m_beta,
+    REVERSE: tl.constexpr, JSD: tl.constexpr, REST: tl.constexpr, HAS_KL: tl.constexpr,
+    UNIT_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid = (N, cdiv(V, BLOCK_V)): each program owns one block of one row, top-k entries included.
     row = tl.program_id(0).to(tl.int64)
@@ -231,7 +265,7 @@ def _hrm_loss_topk_bwd_kernel(
     if HAS_KL:
         lse_s = tl.load(stats_ptr + 4 * row + 1)
         slot2 = tl.load(stats_ptr + 4 * row + 2)
-        kl = tl.load(stats_ptr + 4 * row + 3)
+        kl = tl.load(stats_ptr + 4 * row + 3)   # JSD: KL(q || m)
         c = hrm * inv_t
         if REST:   # outside the top-k: the implied teacher p~ = exp(a - L)
             if UNIT_T:
@@ -240,7 +274,9 @@ def _hrm_loss_topk_bwd_kernel(
             else:
                 a = z * inv_t
                 q = tl.exp(a - lse_s)
-            if REVERSE:
+            if JSD:   # slot2 = log Q - log M
+                dz += c * (1.0 - beta) * tl.where(q > 0.0, q * (slot2 - kl), 0.0)
+            elif REVERSE:
                 dz += c * tl.where(q > 0.0, q * ((slot2 - lse_s) - kl), 0.0)
             else:
                 dz += c * (q - tl.where(a > float("-inf"), tl.exp(a - slot2), 0.0))
@@ -255,7 +291,10 @@ def _hrm_loss_topk_bwd_kernel(
             lt = lt - slot2
         ls = (z_t if UNIT_T else z_t * inv_t) - lse_s
         q_t = tl.exp(ls)
-        if REVERSE:
+        if JSD:
+            lm = _log_mix(lt, ls, log_beta, log_1m_beta)
+            top = (1.0 - beta) * tl.where(q_t > 0.0, q_t * (ls - lm - kl), 0.0)
+        elif REVERSE:
             top = tl.where(q_t > 0.0, q_t * (ls - lt - kl), 0.0)
         else:
             top = q_t - tl.exp(lt)
@@ -286,14 +325,15 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
     if n:
         # "rest" sorts the ids (N x k, small) so that each vocabulary block finds its members.
         srt = idx if renormalize else idx.reshape(n, k).sort(-1).values
+        scalars, flags = divergence_args(beta)
         with _device_of(z):
             wrap_triton(_hrm_loss_topk_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
                 lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, ent, stats,
                 z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
-                REVERSE=_kl_reverse(beta), REST=not renormalize, SMOOTH=label_smoothing > 0,
+                *scalars, REST=not renormalize, SMOOTH=label_smoothing > 0,
                 UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v),
-                BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
+                BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8, **flags)
     return loss, ce, kl, ent, stats
 
 
@@ -305,19 +345,20 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
     if not n:
         return
     block = _block_v(v)
+    scalars, flags = divergence_args(beta)
     with _device_of(z):
         wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
             lp, lp.stride(0), lp.stride(1), labels, stats, grad, grad.stride(0),
             dz, dz.stride(0), dz.stride(1), z.shape[1], v, k, hrm, 1.0 / temperature,
-            label_smoothing, ignore_index, REVERSE=_kl_reverse(beta), REST=not renormalize,
-            HAS_KL=hrm > 0, UNIT_T=temperature == 1.0, BLOCK_V=block,
-            BLOCK_K=triton.next_power_of_2(int(k)), num_warps=8)
+            label_smoothing, ignore_index, *scalars, REST=not renormalize, HAS_KL=hrm > 0,
+            UNIT_T=temperature == 1.0, BLOCK_V=block, BLOCK_K=triton.next_power_of_2(int(k)),
+            num_warps=8, **flags)
 
 
 def hrm_loss_topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index,
                       beta, renormalize):
-    """z: (B, S, V), idx, lp: (B, S, k) row views; labels: (N,); beta 0 or 1 (KL).
+    """z: (B, S, V), idx, lp: (B, S, k) row views; labels: (N,); beta as in hrm_loss.py.
 
     Returns loss, ce, kl, entropy (N,) and stats (N, 4), fp32.
     """
