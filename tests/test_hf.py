@@ -4,7 +4,6 @@ gradients) for Llama, Qwen2 (tied and padded vocabularies), Phi (a head bias), G
 and Cohere (logit scale); logit transforms read from configs; the fallback to logits; label
 shifting; top-k batches; a DDP wrapper; gradient accumulation through a real Trainer equal to
 one big batch."""
-import inspect
 import os
 import warnings
 
@@ -15,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # CI reaches package registries o
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")          # the Trainer needs it
 
-from hrmkernels import FusedHRMLoss, fused_hrm_loss, fused_linear_hrm_loss
+from hrmkernels import FusedHRMLoss, fused_hrm_loss
 from hrmkernels.integrations import hf
 from hrmkernels.integrations.hf import (HRMDistillationTrainer, hrm_distillation_loss,
                                         logit_transforms, match_vocab, split_head)
@@ -26,11 +25,6 @@ V_STUDENT, V_TEACHER = 96, 112     # the teacher's vocabulary padded beyond the 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.3)
 GEMMA = dict(head_dim=16, query_pre_attn_scalar=16)
-# The logit-transform keywords of fused_linear_hrm_loss land in a parallel change.
-HAS_TRANSFORMS = "student_softcap" in inspect.signature(fused_linear_hrm_loss).parameters
-needs_transforms = pytest.mark.skipif(
-    not HAS_TRANSFORMS, reason="fused_linear_hrm_loss has no student_softcap / "
-    "student_logit_scale keywords yet (the softcap change is not merged)")
 
 
 def _lm(kind, vocab_size=V_STUDENT, **extra):
@@ -107,9 +101,7 @@ def _pair(name):
                  for spec in ARCHS[name])
 
 
-@pytest.mark.parametrize("name", [
-    *(pytest.param(n, marks=needs_transforms) if n.startswith(("gemma2", "cohere")) else n
-      for n in ARCHS)])
+@pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("jsd_beta", [None, 0.5])
 def test_fused_linear_path_equals_the_logits_path(name, jsd_beta):
     student, teacher = _pair(name)
@@ -194,6 +186,14 @@ def test_an_unmapped_transform_is_refused_not_dropped():
     with pytest.raises(ValueError, match="does not map"):
         hrm_distillation_loss(student, _batch(_rows(2)), loss_fn, _lm("qwen2"))
     hrm_distillation_loss(student, _batch(_rows(2)), loss_fn, _lm("qwen2"), use_fused_linear=False)
+
+
+def test_the_probe_catches_a_transform_read_wrong(monkeypatch):
+    student, _ = _pair("gemma2-softcap")
+    assert split_head(student).softcap == 2.0
+    monkeypatch.setattr(hf, "logit_transforms", lambda config: (1.0, None))   # softcap dropped
+    with pytest.raises(hf.HeadNotSeparable, match="does not announce"):
+        split_head(student)
 
 
 class _HiddenScaleLlama(transformers.LlamaForCausalLM):

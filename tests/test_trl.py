@@ -7,7 +7,6 @@ the student's cross-entropy on the same tokens, to 1e-5 relative in fp32:
 - a real ``DistillationTrainer`` step (on-policy, generation by transformers, no vLLM) and a
   real ``GKDTrainer`` step: the first step's loss against TRL's own loss on the same batch.
 """
-import inspect
 import os
 import warnings
 
@@ -25,13 +24,8 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-from hrmkernels import fused_linear_hrm_loss
 from hrmkernels.integrations import trl as hrm_trl
 
-HAS_TRANSFORMS = "student_softcap" in inspect.signature(fused_linear_hrm_loss).parameters
-needs_transforms = pytest.mark.skipif(
-    not HAS_TRANSFORMS, reason="fused_linear_hrm_loss has no student_softcap / "
-    "student_logit_scale keywords yet (the softcap change is not merged)")
 V = 64
 RTOL = 1e-5
 
@@ -47,7 +41,7 @@ def _logits(h, w, b, scale, softcap):
 
 @pytest.mark.parametrize("transforms", [
     (1.0, 1.0, None, None),
-    pytest.param((0.5, 2.0, 3.0, 4.0), marks=needs_transforms, id="scale-softcap")])
+    pytest.param((0.5, 2.0, 3.0, 4.0), id="scale-softcap")])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("hrm", [0.0, 0.5])
