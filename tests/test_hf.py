@@ -165,6 +165,13 @@ def test_hrm_distillation_loss_with_an_offline_topk_teacher():
         hrm_distillation_loss(student, _batch(_rows(2)), loss_fn)
 
 
+def test_a_loss_fn_that_shifts_labels_itself_is_refused():
+    student, teacher = _models()
+    with pytest.raises(ValueError, match="shift_labels=False"):
+        hrm_distillation_loss(student, _batch(_rows(2)), FusedHRMLoss(0.5, shift_labels=True),
+                              teacher)
+
+
 def test_logit_transforms_read_from_configs():
     assert logit_transforms(transformers.LlamaConfig()) == (1.0, None)
     assert logit_transforms(transformers.Gemma2Config()) == (1.0, 30.0)
@@ -282,3 +289,5 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, use_fused_
     logged = next(log for log in trainer.state.log_history if "ce" in log)
     assert logged["ce"] > 0 and logged["kl"] >= 0
     torch.testing.assert_close(torch.tensor(logged["loss"]), big.detach(), rtol=1e-4, atol=0)
+    # evaluation runs the same loss (no logits on the fused-linear path, none needed)
+    assert trainer.evaluate(rows)["eval_loss"] > 0
