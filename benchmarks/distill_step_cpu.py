@@ -285,7 +285,7 @@ def table(result):
     """The markdown table of a result dict."""
     rows = result["results"]
     base = next((r for r in rows if r["provider"] == "hrmkernels-logits" and "step_s" in r), None)
-    lines = ["| provider | N | peak extra memory | vs logits path | step time | loss | "
+    lines = ["| provider | N | peak extra memory | vs logits path | step time (load) | loss | "
              "max rel. diff from logits path (loss, gradients) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -301,9 +301,24 @@ def table(result):
             loss += f" (- hrm H(p): {r['loss_minus_hrm_teacher_entropy']:.5f})"
         diff = (f"{r['loss_rel_diff']:.1e}, {r['grad_rel_diff']:.1e}"
                 if "grad_rel_diff" in r else "")
+        load = r.get("load_average_1min_before")
+        load = f" ({load:.1f})" if load is not None else ""
         lines.append(f"| {r['provider']} | {n} | {r['peak_extra_bytes'] / 2**30:.2f} GiB | {ratio} | "
-                     f"{r['step_s']:.2f} s | {loss} | {diff} |")
+                     f"{r['step_s']:.0f} s{load} | {loss} | {diff} |")
     return "\n".join(lines)
+
+
+def markdown(result):
+    """The result's markdown: what was measured, where, with which command, and the table."""
+    m, setup = result["machine"], result["setup"]
+    return (f"One distillation step on CPU ({m['cpu']}, {m['cores']} cores shared with other "
+            f"jobs; the 1-min load average before each provider is in parentheses), fp32: "
+            f"student Llama (V = {setup['student']['vocab_size']}), teacher Qwen2 "
+            f"(V = {setup['teacher']['vocab_size']} cut to the student's), hrm = {HRM}, T = 1, "
+            f"chunks of {setup['chunk_rows']} rows (hrmkernels' budget and Liger's chunk_size). "
+            f"Peak extra memory: resident set, one process per provider.\n"
+            f"`{result['command']}` at {result['commit']}, {result['date']}.\n\n"
+            + table(result))
 
 
 def main(argv=None):
@@ -320,10 +335,15 @@ def main(argv=None):
                    help="Liger's chunk_size and hrmkernels' chunk budget in rows (default 1024)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/distill-step-cpu-<date>"
                    ".json; the table goes beside it as .md)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of a result")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args.child, args.n, args.rows, args.repeats, args.chunk_rows)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())) + "\n")
+        return None
 
     date = datetime.datetime.now(datetime.timezone.utc)
     result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "device": "cpu",
@@ -366,10 +386,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else RESULTS / f"distill-step-cpu-{date:%Y-%m-%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    md = (f"One distillation step on CPU ({result['machine']['cpu']}, "
-          f"{result['machine']['cores']} cores, fp32): N = {args.n} tokens, student Llama "
-          f"V = {V}, teacher Qwen2 V = {V_TEACHER} cut to {V}, hrm = {HRM}, T = 1.\n"
-          f"`{result['command']}` at {result['commit']}, {result['date']}.\n\n" + table(result))
+    md = markdown(result)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
     return result

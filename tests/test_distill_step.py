@@ -51,5 +51,5 @@ def test_table_marks_a_failed_provider_and_ratios():
         r["n_tokens"] = 64
     bench._compare(rows)
     text = bench.table({"results": rows})
-    assert "| hrmkernels-fused-linear | 64 | 0.50 GiB | 0.25x | 1.00 s |" in text
+    assert "| hrmkernels-fused-linear | 64 | 0.50 GiB | 0.25x | 1 s |" in text
     assert "| liger | 64 | error: MemoryError |" in text
