@@ -14,6 +14,7 @@ import gc
 import importlib.metadata
 import json
 import operator
+import os
 import platform
 import re
 import statistics
@@ -72,10 +73,30 @@ def time_ms(fn, device, warmup_ms=25, rep_ms=100):
     return statistics.median(times)
 
 
+def _rss(field):
+    """VmRSS / VmHWM (peak) of this process in bytes, from /proc/self/status."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
 def peak_extra_bytes(fn, device):
-    """Peak device memory fn() allocates beyond what was allocated before it (None on CPU)."""
+    """Peak memory fn() allocates beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's peak resident set, reset by
+    /proc/self/clear_refs, minus the resident set before (large CPU tensors are mmap'd and
+    returned to the system when freed, so this follows the tensors); None where it cannot be
+    measured.
+    """
     if torch.device(device).type != "cuda":
-        return None   # the CPU allocator keeps no peak statistics
+        try:
+            Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
+            base = _rss("VmRSS")
+            out = fn()
+            peak = _rss("VmHWM") - base
+        except (OSError, AttributeError):
+            return None
+        del out
+        return peak
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -88,7 +109,7 @@ def peak_extra_bytes(fn, device):
 
 def copy_gbps(device, warmup_ms=25, rep_ms=100):
     """Bandwidth of a device-to-device copy, counting bytes read plus bytes written."""
-    nbytes = 1 << 30 if torch.device(device).type == "cuda" else 32 << 20   # >> any cache
+    nbytes = 1 << 30 if torch.device(device).type == "cuda" else 256 << 20   # >> any cache
     src = torch.randn(nbytes // 4, device=device)   # random data, not zeros (METHOD.md)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup_ms, rep_ms)
@@ -147,13 +168,22 @@ def _git(*args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _cpu_model():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else platform.machine()
+
+
 def provenance(device, commit=None):
     """Where and with what the numbers were measured."""
     device = torch.device(device)
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
     else:
-        gpu = f"cpu ({platform.processor() or platform.machine()})"
+        gpu = f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
     git_commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     try:
@@ -172,6 +202,9 @@ def provenance(device, commit=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "liger_kernel": liger,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 

@@ -387,7 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--kl-direction", choices=["forward", "reverse"], default="forward",
                    help="forward: KL(teacher || student), reverse: KL(student || teacher)")
     p.add_argument("--backend", default="auto",
-                   help="hrmkernels backend: auto, torch, triton or cuda (default: auto)")
+                   help="hrmkernels backend: auto, cpu, torch, triton or cuda (default: auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,

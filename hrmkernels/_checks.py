@@ -12,7 +12,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 KL_DIRECTIONS = ("forward", "reverse")
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 TOPK_MODES = ("rest", "renormalize")
 
 

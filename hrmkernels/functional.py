@@ -80,8 +80,9 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
             style, usually the input ids with -100 on prompt and padding); the loss then compares
             ``logits[..., :-1, :]`` (student and teacher, or the top-k tensors) with
             ``labels[..., 1:]``, as views, and "none" returns shape ``labels[..., 1:]``.
-        backend: "auto" (the fastest available for the tensors' device), "triton", "cuda", "torch".
-            Top-k teachers run on "triton" and "torch".
+        backend: "auto" (the fastest available for the tensors' device), "triton", "cuda",
+            "cpu" (the C++ kernels on CPU tensors), "torch". Top-k teachers run on "triton" and
+            "torch".
         return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction;
             its attribute ``entropy`` is the student's entropy H(softmax(z / T)), reduced alike.
         inplace_backward: write the student gradient into student_logits' storage (saves one

@@ -13,6 +13,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# backend="cpu" (the C++ kernels) joins the backend grids wherever a C++ compiler is: load the
+# installed extension, or build it just-in-time (once per machine, cached), before the test
+# modules ask available_backends() for their grids. None, or why it is not there.
+from hrmkernels.kernels import native  # noqa: E402  (after TRITON_INTERPRET)
+
+CPU_KERNELS_WHY = native.unavailable_reason("cpu")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 

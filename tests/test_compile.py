@@ -19,14 +19,15 @@ from hrmkernels import FusedHRMLoss, available_backends, backends, fused_hrm_los
 from hrmkernels.kernels import pytorch as torch_impl
 
 BACKENDS = available_backends(DEVICE)
-TOPK_BACKENDS = [b for b in BACKENDS if b != "cuda"]
+TOPK_BACKENDS = [b for b in BACKENDS if b not in ("cuda", "cpu")]
+NATIVE = "cuda" if HAS_CUDA else "cpu"    # the C++ kernels' backend on this machine
 
 
 def _op_samples(backend):
     """(op, args) pairs covering each op of `backend`: dtypes, T, eps, direction, du or None."""
     dense, topk = backends.resolve(backend, DEVICE), backends.resolve(backend, DEVICE, topk=True) \
         if backend in TOPK_BACKENDS else None
-    suffix = {"torch": "_torch", "triton": "_triton", "cuda": ""}[backend]
+    suffix = {"torch": "_torch", "triton": "_triton", "cuda": "", "cpu": ""}[backend]
     ops = torch.ops.hrmkernels
     z = torch.randn(2, 5, 33, device=DEVICE)
     u = torch.randn(2, 5, 33, device=DEVICE)
@@ -35,13 +36,16 @@ def _op_samples(backend):
     lp, idx = torch.log_softmax(u, -1).topk(4, -1)
     g = torch.rand(10, device=DEVICE)
     samples = []
-    for zz, options in ((z, (0.5, 2.0, 0.1, -100, 0.0)), (z.bfloat16(), (0.5, 1.0, 0.0, -100, 1.0))):
+    cases = [(z, (0.5, 2.0, 0.1, -100, 0.0)), (z.bfloat16(), (0.5, 1.0, 0.0, -100, 1.0))]
+    if backend in ("torch", "cpu"):   # the JSD, and float64 in and out
+        cases += [(z, (0.5, 2.0, 0.0, -100, 0.3)), (z.double(), (0.5, 2.0, 0.1, -100, 0.0))]
+    for zz, options in cases:
         out = dense.hrm_loss_fwd(zz, u, y, *options)
         samples.append((getattr(ops, "hrm_loss_fwd" + suffix), (zz, u, y, *options)))
         for du, grad in ((torch.empty_like(u), g), (None, torch.ones((), device=DEVICE).expand(10))):
             samples.append((getattr(ops, "hrm_loss_bwd" + suffix),
                             (zz, u, y, out[4], grad, *options, torch.empty_like(zz), du)))
-        if topk is not None:
+        if topk is not None and options[-1] in (0.0, 1.0):   # top-k teachers: KL only
             for renormalize in (False, True):
                 out = topk.hrm_loss_topk_fwd(zz, idx, lp, y, *options, renormalize)
                 samples.append((getattr(ops, "hrm_loss_topk_fwd" + suffix),
@@ -99,17 +103,25 @@ def test_compiled_model_with_fused_hrm_loss_has_no_graph_break(backend):
         torch.testing.assert_close(a, b)
 
 
-@requires_cuda
-def test_compiled_model_with_the_cuda_backend():
-    if "cuda" not in BACKENDS:
-        pytest.skip("the CUDA extension is not available")
+@pytest.mark.parametrize("jsd_beta", [None, 0.5])
+def test_compiled_model_with_the_cpp_kernels(jsd_beta):
+    # backend="cpu" here, "cuda" on a GPU: dense teachers only (no top-k path in C++).
+    if NATIVE not in BACKENDS:
+        pytest.skip(f"backend={NATIVE!r} is not available here")
+    if jsd_beta is not None and NATIVE == "cuda":
+        pytest.skip("the CUDA kernels have no JSD")
     torch._dynamo.reset()
-    model = Student().cuda()
-    loss_fn = FusedHRMLoss(0.5, temperature=2.0, backend="cuda")
+    model = Student().to(DEVICE)
+    loss_fn = FusedHRMLoss(0.5, temperature=2.0, label_smoothing=0.1, jsd_beta=jsd_beta,
+                           backend=NATIVE)
     x, y, u, _, _ = _batch()
     step = lambda: loss_fn(model(x)[:, :-1], u[:, :-1, :64], y[:, 1:])
     expected = step()
-    torch.testing.assert_close(torch.compile(step, fullgraph=True)(), expected)
+    grads = torch.autograd.grad(expected, list(model.parameters()))
+    got = torch.compile(step, fullgraph=True)()                # raises on any graph break
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, list(model.parameters())), grads):
+        torch.testing.assert_close(a, b)
 
 
 class _SyncRecorder(TorchDispatchMode):

@@ -1,12 +1,19 @@
-"""Every CUDA source in csrc/ compiles, on any machine with nvcc (no GPU needed).
+"""Every source in csrc/ compiles cleanly, on any machine with the compilers (no GPU needed).
 
-This is how CI catches a syntax or template error in the kernels: each .cu is compiled with
-nvcc (-c, to an object in tmp_path) for sm_90a, and for sm_80 too (thread-block cluster code
-is guarded by __CUDA_ARCH__ >= 900, so the portable kernels must also build for Ampere), with
-the flags torch.utils.cpp_extension adds. The torch binding hrm_loss.cpp is checked with the
-host compiler against the installed torch's headers: torch's CPU wheel ships c10/cuda but not
-its generated c10/cuda/impl/cuda_cmake_macros.h, so a one-line stand-in is written to tmp_path
-when it is missing. All compiles start at once (one per core) in a module fixture.
+- Each .cu is compiled with nvcc (-c, to an object in tmp_path) for sm_90a and sm_80 (thread-
+  block cluster code is guarded by __CUDA_ARCH__ >= 900, so the portable kernels must also
+  build for Ampere), with the flags torch.utils.cpp_extension adds and -Xptxas -v: no kernel
+  may spill registers or use local memory (a stack frame), which on a memory-bound kernel
+  would cost as much DRAM traffic as the logits themselves.
+- The host files that no build here compiles, the CUDA binding (cuda/*.cpp), get a syntax
+  check with the host compiler against the installed torch's headers, -Wall -Wextra, and no
+  warning may point into csrc/. torch's CPU wheel ships c10/cuda but not its generated
+  c10/cuda/impl/cuda_cmake_macros.h, so a one-line stand-in is written to tmp_path when it is
+  missing. The other host files (the op schemas and the CPU kernels, with the math header they
+  share with the CUDA kernels) are really built, into the extension the tests run
+  (tests/conftest.py).
+
+All compiles start at once (one per core) in a module fixture.
 """
 import os
 import re
@@ -19,8 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hrmkernels import _build
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
+HOST_FILES = sorted(p.relative_to(CSRC).as_posix() for p in CSRC.glob("cuda/*.cpp"))
 ARCHS = {"sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
          "sm_80": "-gencode=arch=compute_80,code=sm_80"}
 
@@ -33,7 +43,7 @@ def _nvcc():
 
 
 NVCC = _nvcc()
-NO_NVCC = "nvcc not found (set CUDA_HOME or put nvcc on PATH): the CUDA kernels were not compiled"
+NO_NVCC = "nvcc not found (set CUDA_HOME or put nvcc on PATH): the CUDA sources were not compiled"
 
 
 def _cuda_include():
@@ -49,31 +59,34 @@ def _cuda_include():
 
 def _nvcc_cmd(src, arch, out):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    return [NVCC, *COMMON_NVCC_FLAGS, "-std=c++17", "-O3", ARCHS[arch], "-I", str(CSRC),
-            "-c", str(src), "-o", str(out)]
+    return [NVCC, *COMMON_NVCC_FLAGS, "-std=c++17", "-O3", ARCHS[arch], "-Xptxas", "-v",
+            "-I", str(CSRC), "-c", str(src), "-o", str(out)]
 
 
-def _binding_cmd(tmp):
-    """g++ -fsyntax-only on hrm_loss.cpp, or a string saying why it cannot run here."""
+def _host_cmd(name, tmp):
+    """The host compiler's -fsyntax-only on csrc/`name`, or a string saying why it cannot run."""
     from torch.utils.cpp_extension import include_paths
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cxx = _build.cxx_compiler() or shutil.which("g++")
     if cxx is None:
-        return "no host C++ compiler (g++ or c++) on PATH"
+        return "no host C++ compiler (c++ or g++) on PATH"
+    if NVCC is None:
+        return NO_NVCC
     cuda_inc = _cuda_include()
     if cuda_inc is None:
         return "the CUDA toolkit's include folder (cuda_runtime_api.h) was not found"
     incs = [Path(p) for p in include_paths()]
     if not (incs[0] / "c10" / "cuda" / "CUDAStream.h").exists():
         return "this torch ships no c10/cuda headers"
-    macros = incs[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    if not macros.exists():    # torch CPU wheel: stand in for the header a CUDA build generates
+    if not (incs[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
+        # torch CPU wheel: stand in for the header a CUDA build generates
         stub = tmp / "stub" / "c10" / "cuda" / "impl"
-        stub.mkdir(parents=True)
-        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "cuda_cmake_macros.h").write_text(
+            "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         incs.append(tmp / "stub")
     incs += [cuda_inc, Path(sysconfig.get_paths()["include"]), CSRC]
-    return [cxx, "-std=c++20", "-fsyntax-only", "-Wall", *(f"-I{p}" for p in incs),
-            str(CSRC / "hrm_loss.cpp")]
+    return [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", *(f"-I{p}" for p in incs),
+            str(CSRC / name)]
 
 
 def _run(cmd):
@@ -84,16 +97,15 @@ def _run(cmd):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """{(file name, arch): CompletedProcess or skip reason}, all compiled concurrently."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
+    """{(file name, arch or "host"): CompletedProcess or skip reason}, compiled concurrently."""
     tmp = tmp_path_factory.mktemp("csrc")
-    jobs = {(src.name, arch): _nvcc_cmd(src, arch, tmp / f"{src.stem}.{arch}.o")
-            for src in CU_FILES for arch in ARCHS}
-    jobs[("hrm_loss.cpp", "host")] = _binding_cmd(tmp)
+    jobs = {(name, "host"): _host_cmd(name, tmp) for name in HOST_FILES}
+    for src in CU_FILES:
+        for arch in ARCHS:
+            jobs[(src.name, arch)] = (_nvcc_cmd(src, arch, tmp / f"{src.stem}.{arch}.o")
+                                      if NVCC else NO_NVCC)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = dict(zip(jobs, pool.map(_run, jobs.values())))
-    return results
+        return dict(zip(jobs, pool.map(_run, jobs.values())))
 
 
 def _check(result, what):
@@ -105,14 +117,46 @@ def _check(result, what):
 
 def test_csrc_has_kernels():
     assert CU_FILES, f"no .cu files in {CSRC}"
+    assert HOST_FILES == ["cuda/hrm_loss_cuda.cpp"]
+
+
+def ptxas_report(text):
+    """[(kernel, stack frame bytes, spill store bytes, spill load bytes)] from ptxas -v output."""
+    kernels = []
+    name = None
+    for line in text.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      line)
+        if m:
+            kernels.append((name, *map(int, m.groups())))
+    return kernels
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src", [p.name for p in CU_FILES])
-def test_cu_compiles(compiled, src, arch):
-    _check(compiled[(src, arch)], f"{src} for {arch}")
+def test_cu_compiles_without_spills(compiled, src, arch):
+    result = compiled[(src, arch)]
+    _check(result, f"{src} for {arch}")
+    report = ptxas_report(result.stdout + result.stderr)
+    assert report, f"no ptxas -v report for {src} ({arch})"
+    bad = [r for r in report if any(r[1:])]
+    assert not bad, f"{src} for {arch}: (kernel, stack frame, spill stores, spill loads) {bad}"
 
 
-def test_binding_compiles_against_torch_headers(compiled):
-    _check(compiled[("hrm_loss.cpp", "host")],
-           f"hrm_loss.cpp against torch {torch.__version__} headers")
+@pytest.mark.parametrize("name", HOST_FILES)
+def test_host_file_compiles_cleanly(compiled, name):
+    result = compiled[(name, "host")]
+    _check(result, f"{name} against torch {torch.__version__} headers")
+    ours = [line for line in result.stderr.splitlines()
+            if re.match(r"\S*csrc/\S+:\d+:\d+: (warning|error)", line)]
+    assert not ours, "\n".join(ours)
+
+
+def test_ptxas_report_parses_spills():
+    text = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'\n"
+            "ptxas info    : Function properties for _Z3fooPf\n"
+            "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n")
+    assert ptxas_report(text) == [("_Z3fooPf", 8, 4, 4)]

@@ -18,13 +18,13 @@ from hrmkernels.reference import hrm_loss_reference
 
 from conftest import DEVICE
 
-BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends(DEVICE)]
+BACKENDS = [b for b in ("torch", "triton", "cuda", "cpu") if b in available_backends(DEVICE)]
 HALF = (torch.bfloat16, torch.float16)
 
 BASE = dict(n=9, v=1271, dtype=torch.float32, tdtype=None, layout="2d", direction="forward",
             t=2.0, eps=0.1, hrm=0.5, ignore="some", reduction="mean", teacher_grad=False,
             num_items=None, scale=3.0, masked=None, jsd=None)
-JSD_BACKENDS = ("torch", "triton")   # backends with a JSD kernel (strictly 0 < jsd_beta < 1)
+JSD_BACKENDS = ("torch", "triton", "cpu")   # backends with a JSD kernel (strictly 0 < beta < 1)
 
 
 def _leaves(c):

@@ -208,9 +208,13 @@ def _check(case, fp64_as=None, **kw):
         _close(f"d {k}", g, e, tol)
 
 
+CHUNKED_BACKENDS = [b for b in ("torch", "cpu") if b in available_backends(DEVICE)]
+
+
+@pytest.mark.parametrize("backend", CHUNKED_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_linear_hrm_loss_chunked(case):
-    _check(case, impl="chunked", backend="torch")
+def test_linear_hrm_loss_chunked(case, backend):
+    _check(case, impl="chunked", backend=backend)
 
 
 @pytest.mark.parametrize("case", TRITON_CHUNKED_CASES)

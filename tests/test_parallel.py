@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DEVICE
+from conftest import CPU_KERNELS_WHY, DEVICE
 
 CASES = [   # (name, options); shards are equal unless "uneven"
     ("base", dict()),
@@ -117,8 +117,10 @@ def _free_port():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="gloo on CPU processes")
-@pytest.mark.parametrize("world,backend", [(2, "torch"), (4, "torch"), (2, "triton")])
+@pytest.mark.parametrize("world,backend", [(2, "torch"), (4, "torch"), (2, "triton"), (2, "cpu")])
 def test_hrm_loss_vocab_parallel_matches_reference(world, backend):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs the interpreter")
+    if backend == "cpu" and CPU_KERNELS_WHY is not None:
+        pytest.skip(f"backend='cpu' is not available: {CPU_KERNELS_WHY}")
     mp.spawn(_worker, args=(world, _free_port(), backend), nprocs=world, join=True)

@@ -1,25 +1,26 @@
 // Hopper (sm_90+): forward and backward of the fused HRM loss in one kernel that keeps a whole
 // row of z and u on chip, split across a thread-block cluster. CUDA toolkit headers only.
 //
-// Same math as hrm_loss_kernels.cu (see there). The two-kernel path reads z and u twice:
-// forward 4 B + backward 6 B = 10 B per element (bf16, no teacher gradient). Here the row's
+// The KL (beta 0 or 1) only; the math is hrm_loss_math.h's. The two-kernel path reads z and u
+// twice: forward 4 B + backward 6 B = 10 B per element (bf16, no teacher gradient). Here the row's
 // slice of each CTA stays in its shared memory between the two phases, so the kernel reads
 // z and u once and writes dz once: 6 B per element (8 B with du), the minimum. It needs each
 // row's gradient g_r before the forward has run (the caller knows it when the loss is the final
 // objective: 1 for "sum", 1 / n for "mean").
 //
 //   phase 1  each CTA loads its slice (16-byte vectors) into shared memory and folds it into
-//            the online state (3 log-sum-exps, the KL's weighted sum, sum z)
+//            the online state (3 log-sum-exps, the entropy and KL sums, sum z)
 //   phase 2  block reduction, then the C partial states are merged through distributed shared
 //            memory (cluster.map_shared_rank), identically in every CTA
-//   phase 3  rank 0 stores loss, CE, KL and the stats; every CTA derives lse's and mu
+//   phase 3  rank 0 stores loss, CE, KL, entropy and the stats; every CTA derives lse's and mu
 //   phase 4  each CTA writes dz (and du) for its slice from shared memory
 //
 // Cluster size C: the smallest power of two giving at most kSmemTarget bytes of logits per CTA
 // (C <= 16; 16 is a non-portable size), e.g. bf16/bf16 V = 128256 -> C = 8 (64 KB per CTA),
 // V = 262144 -> C = 16. Used when every row of z, u, dz, du starts 16-byte aligned and
-// V % 8 == 0 (the common vocabularies); otherwise, or before sm_90, or if the device cannot
-// schedule such a cluster, the launcher runs the portable forward and backward kernels.
+// V % 8 == 0 (the common vocabularies); otherwise, for the JSD (whose second pass this kernel
+// does not have), before sm_90, or if the device cannot schedule such a cluster, the launcher
+// runs the portable forward and backward kernels.
 //
 // In place (dz aliasing z) is safe: a CTA reads its whole slice in phase 1 and writes it in
 // phase 4, after two cluster barriers; the label's logit z_y is read by rank 0 in phase 1.
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kClusterThreads)
       store8(dzr + lo + c * kVec, zeros);
       if (dur != nullptr) store8(dur + lo + c * kVec, zeros);
     }
-    if (rank == 0 && threadIdx.x == 0) fwd_store_zeros(row, f.loss, f.ce, f.kl, f.stats);
+    if (rank == 0 && threadIdx.x == 0) fwd_store_zeros(row, f);
     return;
   }
 
@@ -150,9 +151,7 @@ __global__ void __launch_bounds__(kClusterThreads)
     const bool valid = y >= 0 && y < V;
     z_y_shared = valid ? to_float(zr[valid ? y : 0]) : NAN;
   }
-  const float ka = kLog2e / o.temperature;
-  const bool unit_t = o.temperature == 1.f, smooth = o.label_smoothing > 0.f;
-  FwdState st = FwdState::identity();
+  FwdVisit fold{FwdState::identity(), math::fwd_params(o), o.label_smoothing > 0.f};
   for (int64_t c0 = threadIdx.x; c0 < n_chunks; c0 += static_cast<int64_t>(kUnroll) * blockDim.x) {
     Raw8<Tz> rz[kUnroll];
     Raw8<Tu> ru[kUnroll];
@@ -173,16 +172,12 @@ __global__ void __launch_bounds__(kClusterThreads)
       float z[kVec], u[kVec];
       unpack8(rz[j], z);
       unpack8(ru[j], u);
-      if (smooth) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) st.sum_z += z[i];
-      }
-      fwd_accumulate(st, z, u, ka, unit_t, o.reverse);
+      fold(z, u, kVec);
     }
   }
 
   // Phase 2: merge the block's states, then the cluster's, in rank order in every CTA.
-  st = block_allreduce(st, red);
+  const FwdState st = block_allreduce(fold.st, red);
   if (threadIdx.x == 0) cta_state = st;
   cluster.sync();   // every CTA's cta_state is written and visible cluster-wide
   if (threadIdx.x < 32) {
@@ -195,10 +190,10 @@ __global__ void __launch_bounds__(kClusterThreads)
   cluster.sync();   // remote reads done (no CTA exits while read), and row_state visible
 
   // Phase 3: the row's outputs (rank 0) and the backward's constants (every CTA).
-  const FwdResult res = fwd_finish(row_state, o, V, rank == 0 ? z_y_shared : 0.f);
-  if (rank == 0 && threadIdx.x == 0) fwd_store(res, row, f.loss, f.ce, f.kl, f.stats);
-  const BwdRow r = make_bwd_row(o, V, y, args.grad[row * args.grad_stride], res.lse_z, res.lse_a,
-                                res.lse_b, res.mu);
+  const math::FwdResult<float> res =
+      math::fwd_finish(row_state, o, V, rank == 0 ? z_y_shared : 0.f);
+  if (rank == 0 && threadIdx.x == 0) fwd_store(res, row, f);
+  const BwdRow r = math::make_bwd_row(o, V, y, args.grad[row * args.grad_stride], res.stats);
 
   // Phase 4: the gradient of this CTA's slice, from shared memory.
   for (int64_t c = threadIdx.x; c < n_chunks; c += blockDim.x) {
@@ -207,7 +202,7 @@ __global__ void __launch_bounds__(kClusterThreads)
     unpack8(load_shared_raw8(us + c * kVec), u);
     const int64_t col0 = lo + c * kVec;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) grad_elem(r, z[i], u[i], col0 + i, dz[i], du[i]);
+    for (int i = 0; i < kVec; ++i) math::grad_elem(r, z[i], u[i], col0 + i, dz[i], du[i]);
     store8(dzr + col0, dz);
     if (dur != nullptr) store8(dur + col0, du);
   }
@@ -235,7 +230,7 @@ template <class Tz, class Tu>
 ClusterPlan plan_cluster(const HrmLossFwdBwdArgs& a) {
   const HrmLossFwdArgs& f = a.fwd;
   ClusterPlan none;
-  if (f.V % kVec != 0 ||
+  if (math::div_kind(f.opt) == math::Div::kJsd || f.V % kVec != 0 ||
       !aligned_rows(f.z.ptr, f.z.stride_b, f.z.stride_s, f.B, f.S, sizeof(Tz)) ||
       !aligned_rows(f.u.ptr, f.u.stride_b, f.u.stride_s, f.B, f.S, sizeof(Tu)) ||
       !aligned_rows(a.dz, a.dz_stride_b, a.dz_stride_s, f.B, f.S, sizeof(Tz)) ||

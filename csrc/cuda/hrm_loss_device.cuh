@@ -1,6 +1,7 @@
 // Device code shared by the kernels (hrm_loss_kernels.cu, hrm_loss_cluster.cu): element access,
-// the forward's online state and fold, the row outputs, and the backward's per-element gradient.
-// The math is written out at the top of hrm_loss_kernels.cu. CUDA toolkit headers only.
+// the row traversal, warp exchanges of the forward's states, and the rows' stores. The math
+// itself (the online state, its fold and merge, the row epilogues, the per-element gradient) is
+// hrm_loss_math.h, shared with the CPU kernels. CUDA toolkit headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,10 +10,22 @@
 
 #include <cstdint>
 
+#include "../hrm_loss_math.h"
 #include "hrm_loss_kernels.h"
 #include "reduce.cuh"
 
 namespace hrmkernels {
+namespace math {
+
+// The forward's state, exchanged between lanes (warp_allreduce finds it by argument lookup).
+__device__ __forceinline__ FwdState<float> shfl_xor(const FwdState<float>& x, int lane_mask) {
+  const auto f = [lane_mask](float v) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); };
+  return {f(x.mz), f(x.sz), f(x.ma), f(x.sa), f(x.ha), f(x.ta), f(x.mb), f(x.sb), f(x.tb),
+          f(x.sum_z)};
+}
+
+}  // namespace math
+
 namespace device {
 
 constexpr int kVec = 8;           // elements per vector step (16 bytes of a 2-byte type)
@@ -119,169 +132,130 @@ __device__ __forceinline__ int vector_head(const void* const (&ptrs)[kCount],
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row traversal
+
+// Visit the elements [lo, hi) of a row, kVec per thread per step, element i = base + k * blockDim
+// + tid (coalesced for each k): visit(z, u, n_in) with lanes k >= n_in (past hi) set to -inf.
+template <class Tz, class Tu, class Visit>
+__device__ __forceinline__ void visit_scalar_range(const Tz* zr, const Tu* ur, int64_t lo,
+                                                   int64_t hi, Visit& visit) {
+  for (int64_t base = lo; base < hi; base += static_cast<int64_t>(kVec) * blockDim.x) {
+    float z[kVec], u[kVec];
+    int n_in = 0;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int64_t i = base + static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
+      const bool in = i < hi;
+      z[k] = in ? to_float(zr[i]) : -INFINITY;
+      u[k] = in ? to_float(ur[i]) : -INFINITY;
+      n_in += in;
+    }
+    visit(z, u, n_in);
+  }
+}
+
+// Visit a whole row, each thread its share: 16-byte vectors over the part where z and u are
+// both aligned (kUnroll vector steps in flight per thread), the rest scalar.
+template <class Tz, class Tu, class Visit>
+__device__ __forceinline__ void visit_row(const Tz* zr, const Tu* ur, int64_t V, Visit& visit) {
+  const void* const ptrs[2] = {zr, ur};
+  const int sizes[2] = {static_cast<int>(sizeof(Tz)), static_cast<int>(sizeof(Tu))};
+  const int h = vector_head(ptrs, sizes);
+  if (h < 0) {
+    visit_scalar_range(zr, ur, 0, V, visit);
+    return;
+  }
+  const int64_t head = h < V ? h : V;
+  const int64_t n_vec = (V - head) / kVec;        // aligned 8-element steps after the head
+  visit_scalar_range(zr, ur, 0, head, visit);
+  const Tz* zb = zr + head;
+  const Tu* ub = ur + head;
+  for (int64_t c0 = threadIdx.x; c0 < n_vec; c0 += static_cast<int64_t>(kUnroll) * blockDim.x) {
+    float z[kUnroll][kVec], u[kUnroll][kVec];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {   // all loads first: kUnroll * 32 B in flight
+      const int64_t c = c0 + static_cast<int64_t>(j) * blockDim.x;
+      if (c < n_vec) {
+        load8(zb + c * kVec, z[j]);
+        load8(ub + c * kVec, u[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j)
+      if (c0 + static_cast<int64_t>(j) * blockDim.x < n_vec) visit(z[j], u[j], kVec);
+  }
+  visit_scalar_range(zr, ur, head + n_vec * kVec, V, visit);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 
-// The per-thread (then per-block) state of the forward: online lse of z, a = z/T, b = u/T
-// (base 2), with the KL's weighted sum in b.t (forward KL, w = u - z) or a.t (reverse KL,
-// w = z - u), raw logit units (mu = t / s / T); and sum_v z_v for label smoothing.
-struct FwdState {
-  OnlineLse z, a, b;
-  float sum_z;
+using FwdState = math::FwdState<float>;
 
-  __device__ __forceinline__ static FwdState identity() {
-    return {OnlineLse::identity(), OnlineLse::identity(), OnlineLse::identity(), 0.f};
-  }
-  __device__ __forceinline__ static FwdState merge(const FwdState& x, const FwdState& y) {
-    return {OnlineLse::merge(x.z, y.z), OnlineLse::merge(x.a, y.a), OnlineLse::merge(x.b, y.b),
-            x.sum_z + y.sum_z};
-  }
-  __device__ __forceinline__ FwdState shfl_xor(int lane_mask) const {
-    return {z.shfl_xor(lane_mask), a.shfl_xor(lane_mask), b.shfl_xor(lane_mask),
-            __shfl_xor_sync(0xffffffffu, sum_z, lane_mask)};
+// Pass 1: fold kVec elements into the thread's state (sum_z over the n_in in-range lanes).
+struct FwdVisit {
+  FwdState st;
+  math::FwdParams<float> p;
+  bool smooth;
+  __device__ __forceinline__ void operator()(const float (&z)[kVec], const float (&u)[kVec],
+                                             int n_in) {
+    if (smooth) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) st.sum_z += i < n_in ? z[i] : 0.f;
+    }
+    math::fwd_fold<kVec>(st, z, u, p);
   }
 };
 
-// Fold 8 values x (base 2) into st; kWeighted also adds 2^(x - m) * w to st.t. A term with
-// x = -inf (zero probability) is 0; one with x finite and w = +inf (the other distribution is
-// 0 there) is +inf, the true KL, even when 2^(x - m) underflows.
-template <bool kWeighted>
-__device__ __forceinline__ void fold8(OnlineLse& st, const float (&x)[kVec], const float (&w)[kVec]) {
-  float mx = x[0];
-#pragma unroll
-  for (int i = 1; i < kVec; ++i) mx = fmaxf(mx, x[i]);
-  const float m = fmaxf(st.m, mx);
-  const float ms = finite_or_zero_max(m);
-  float s = 0.f, t = 0.f;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    const float e = fast_exp2(x[i] - ms);
-    s += e;
-    if (kWeighted) t += x[i] == -INFINITY ? 0.f : (w[i] == INFINITY ? INFINITY : e * w[i]);
+// JSD pass 2: the thread's sums of p (lp - lm) and q (lq - lm) (base 2; masked lanes add 0).
+struct JsdSums {
+  float tp, tq;
+  __device__ __forceinline__ static JsdSums identity() { return {0.f, 0.f}; }
+  __device__ __forceinline__ static JsdSums merge(const JsdSums& x, const JsdSums& y) {
+    return {x.tp + y.tp, x.tq + y.tq};
   }
-  const float alpha = fast_exp2(st.m - ms);  // 0 when st.m == -inf: st.s and st.t are 0 then
-  st.s = fmaf(st.s, alpha, s);
-  if (kWeighted) st.t = rescale_add(st.t, alpha, t);
-  st.m = m;
-}
-
-// Fold 8 elements of z and u (natural units, masked entries -inf) into the thread's state.
-// ka = log2(e) / T. With T == 1, a = z: the a stream is not kept (copied from z at the end) and
-// the reverse KL's weighted sum rides on the z stream.
-__device__ __forceinline__ void fwd_accumulate(FwdState& st, const float (&z)[kVec],
-                                               const float (&u)[kVec], float ka, bool unit_t,
-                                               bool reverse) {
-  float z2[kVec], a2[kVec], b2[kVec], w[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    z2[i] = z[i] * kLog2e;
-    a2[i] = unit_t ? z2[i] : z[i] * ka;
-    b2[i] = u[i] * ka;
-    w[i] = reverse ? z[i] - u[i] : u[i] - z[i];
-  }
-  if (unit_t) {
-    if (reverse) fold8<true>(st.z, z2, w); else fold8<false>(st.z, z2, w);
-  } else {
-    fold8<false>(st.z, z2, w);
-    if (reverse) fold8<true>(st.a, a2, w); else fold8<false>(st.a, a2, w);
-  }
-  if (reverse) fold8<false>(st.b, b2, w); else fold8<true>(st.b, b2, w);
-}
-
-// The row's outputs from its fully merged state; z_y is NaN for a label outside [0, V).
-struct FwdResult {
-  float loss, ce, kl, lse_z, lse_a, lse_b, mu;
 };
 
-__device__ __forceinline__ FwdResult fwd_finish(FwdState st, const HrmLossOptions& o, int64_t V,
-                                                float z_y) {
-  if (o.temperature == 1.f) st.a = st.z;   // T == 1: the a stream rode on the z stream
-  FwdResult r;
-  r.lse_z = st.z.lse();
-  r.lse_a = st.a.lse();
-  r.lse_b = st.b.lse();
-  const float inv_t = 1.f / o.temperature;
-  r.mu = o.reverse ? st.a.t / st.a.s * inv_t : st.b.t / st.b.s * inv_t;
-  const float kl = o.reverse ? r.mu + r.lse_b - r.lse_a : r.mu + r.lse_a - r.lse_b;
-  r.kl = kl < 0.f ? 0.f : kl;  // NaN passes through
-  const float eps = o.label_smoothing;
-  r.ce = eps > 0.f ? r.lse_z - (1.f - eps) * z_y - eps * st.sum_z / static_cast<float>(V)
-                   : r.lse_z - z_y;
-  r.loss = o.hrm > 0.f ? r.ce + o.hrm * r.kl : r.ce;   // hrm == 0 drops the KL, even +inf
-  return r;
+__device__ __forceinline__ JsdSums shfl_xor(const JsdSums& x, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, x.tp, lane_mask),
+          __shfl_xor_sync(0xffffffffu, x.tq, lane_mask)};
 }
 
-__device__ __forceinline__ void fwd_store(const FwdResult& r, int64_t row, float* loss, float* ce,
-                                          float* kl, float* stats) {
-  loss[row] = r.loss;
-  ce[row] = r.ce;
-  kl[row] = r.kl;
-  stats[4 * row] = r.lse_z;
-  stats[4 * row + 1] = r.lse_a;
-  stats[4 * row + 2] = r.lse_b;
-  stats[4 * row + 3] = r.mu;
+struct JsdVisit {
+  JsdSums sums;
+  math::JsdParams<float> j;
+  __device__ __forceinline__ void operator()(const float (&z)[kVec], const float (&u)[kVec],
+                                             int) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      float tp, tq;
+      math::jsd_terms(z[i], u[i], j, tp, tq);
+      sums.tp += tp;
+      sums.tq += tq;
+    }
+  }
+};
+
+__device__ __forceinline__ void fwd_store(const math::FwdResult<float>& r, int64_t row,
+                                          const HrmLossFwdArgs& a) {
+  a.loss[row] = r.loss;
+  a.ce[row] = r.ce;
+  a.div[row] = r.div;
+  a.entropy[row] = r.entropy;
+#pragma unroll
+  for (int k = 0; k < 5; ++k) a.stats[5 * row + k] = r.stats[k];
 }
 
-__device__ __forceinline__ void fwd_store_zeros(int64_t row, float* loss, float* ce, float* kl,
-                                                float* stats) {
-  loss[row] = ce[row] = kl[row] = 0.f;
-  stats[4 * row] = stats[4 * row + 1] = stats[4 * row + 2] = stats[4 * row + 3] = 0.f;
+__device__ __forceinline__ void fwd_store_zeros(int64_t row, const HrmLossFwdArgs& a) {
+  a.loss[row] = a.ce[row] = a.div[row] = a.entropy[row] = 0.f;
+#pragma unroll
+  for (int k = 0; k < 5; ++k) a.stats[5 * row + k] = 0.f;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// Per-row constants of the backward, base-2 lse's (l*2 = lse * log2 e).
-struct BwdRow {
-  float g, lz2, la2, lb2, mu, ka, inv_t, c, eps_v, one_m_eps;
-  int64_t y;
-  bool has_kl, reverse, unit_t;
-};
-
-__device__ __forceinline__ void grad_elem(const BwdRow& r, float z, float u, int64_t col,
-                                          float& dz, float& du) {
-  const float lsm2 = z * kLog2e - r.lz2;   // log2 sm
-  const float sm = fast_exp2(lsm2);
-  float d = sm - r.eps_v;
-  if (col == r.y) d -= r.one_m_eps;
-  float e = 0.f;                           // hrm == 0: the teacher gets an exact 0 gradient
-  if (r.has_kl) {
-    const float q = r.unit_t ? sm : fast_exp2(z * r.ka - r.la2);
-    const float p = fast_exp2(u * r.ka - r.lb2);
-    const float b_minus_a = (u - z) * r.inv_t;
-    if (r.reverse) {
-      d += r.c * (q > 0.f ? q * (-b_minus_a - r.mu) : 0.f);
-      e = r.c * (p - q);
-    } else {
-      d += r.c * (q - p);
-      e = r.c * (p > 0.f ? p * (b_minus_a - r.mu) : 0.f);
-    }
-  }
-  dz = r.g * d;
-  du = r.g * e;
-}
-
-// The backward's constants for a row: g, and the forward's stats (lse_z, lse_a, lse_b, mu).
-__device__ __forceinline__ BwdRow make_bwd_row(const HrmLossOptions& o, int64_t V, int64_t y,
-                                               float g, float lse_z, float lse_a, float lse_b,
-                                               float mu) {
-  BwdRow r;
-  const float inv_t = 1.f / o.temperature;
-  r.g = g;
-  r.lz2 = lse_z * kLog2e;
-  r.la2 = lse_a * kLog2e;
-  r.lb2 = lse_b * kLog2e;
-  r.mu = mu;
-  r.ka = kLog2e * inv_t;
-  r.inv_t = inv_t;
-  r.c = o.hrm * inv_t;
-  r.eps_v = o.label_smoothing / static_cast<float>(V);
-  r.one_m_eps = 1.f - o.label_smoothing;
-  r.y = y;
-  r.has_kl = o.hrm > 0.f;
-  r.reverse = o.reverse;
-  r.unit_t = o.temperature == 1.f;
-  return r;
-}
+using BwdRow = math::BwdRow<float>;
 
 // ---------------------------------------------------------------------------------------------
 // Host helpers

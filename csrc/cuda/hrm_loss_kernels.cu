@@ -1,37 +1,21 @@
 // Fused HRM loss, forward and backward, in CUDA C++: CUDA toolkit headers only (no torch).
 //
-// Notation for one row: student logits z, teacher logits u (V each), label y, a = z / T,
-// b = u / T, sm = softmax(z), q = softmax(a), p = softmax(b), lse(x) = log sum_v exp(x_v).
+// The math (the divergences that beta chooses, the online state, the row epilogues and the
+// per-element gradient) is derived in csrc/hrm_loss_math.h, shared with the CPU kernels. Here:
 //
-// Forward (one block per row, one read of z and u). Three online log-sum-exps and one running
-// weighted sum give the KL without a second read, because log p - log q = (b - a) - (lse_b - lse_a):
+// Forward (one block per row). The KL (beta 0 or 1): ONE read of z and u, folding three online
+// log-sum-exps, the entropy sum and the KL's weighted sum; the KL follows without a second read.
+// The JSD (0 < beta < 1): a second read, for kl_pm and kl_qm once the log-sum-exps are known.
+// A label outside [0, V) is never dereferenced: its CE and loss are NaN. Rows whose label is
+// ignore_index store 0 for every output and stat, and read nothing else.
 //
-//     forward KL = sum_v p_v (b_v - a_v) + lse_a - lse_b,   p_v = exp(b_v - m_b) / s_b
-//     reverse KL = sum_v q_v (a_v - b_v) + lse_b - lse_a,   q_v = exp(a_v - m_a) / s_a
-//     CE         = lse_z - (1 - eps) z_y - eps * mean_v z_v
-//     loss       = CE + hrm * KL   (hrm == 0: CE, even where KL is +inf or NaN)
-//
-// KL is clamped at 0 (rounding can dip below the true KL >= 0; NaN passes through). A label
-// outside [0, V) is never dereferenced: its CE and loss are NaN. Rows whose label is
-// ignore_index store 0 for loss, CE, KL and the stats below, and read nothing else.
-//
-// Backward (grid over (row, V-block), one more read of z and u), with g the row's incoming
-// gradient, written per element:
-//
-//     dz = g * [sm - eps/V - (1 - eps) [v == y]  +  hrm/T * (q - p)]                forward
-//                                                +  hrm/T * q (log q - log p - KL)   reverse
-//     du = g * hrm/T * p (log p - log q - KL)      forward,   g * hrm/T * (p - q)     reverse
-//
-// The log-sum-exps cancel from log p - log q - KL = (b - a) - mu, mu = E_p[b - a] (forward;
-// reverse: log q - log p - KL = (a - b) - mu, mu = E_q[a - b]), so the forward saves mu rather
-// than KL (at logits of magnitude 1e4 the lse's cost three digits in fp32), and both passes
-// take b - a as (u - z) / T from the raw logits. Saved per row: stats = (lse_z, lse_a, lse_b, mu).
-//
+// Backward (grid over (row, V-block), one more read of z and u): dz (and du) per element from
+// the stats (lse_z, lse_a, lse_b, mu or kl_qm, kl_pm) and the row's incoming gradient g.
 // Ignored rows write an exact 0 without reading z, u or g. hrm == 0 writes du = 0.
 //
-// Bytes per element (bf16 in, bf16 out): forward reads z and u (4 B); backward reads them again
-// and writes dz (6 B; 8 B with du): 10 B per element for forward + backward. Per row: a label,
-// loss, CE, KL and 4 stats (28 B), and the incoming gradient.
+// Bytes per element (bf16 in, bf16 out): forward reads z and u (4 B; JSD 8 B); backward reads
+// them again and writes dz (6 B; 8 B with du): 10 B per element for the KL's forward +
+// backward. Per row: a label, loss, CE, D, entropy and 5 stats (40 B), and the incoming gradient.
 //
 // Loads: 16-byte vectors (8 elements: one load for 2-byte types, two for fp32) over the part of
 // a row where every tensor involved is 16-byte aligned. A row whose start is misaligned gets a
@@ -40,8 +24,8 @@
 // (e.g. different misalignments of z and u) run fully scalar, still coalesced across a warp.
 // All offsets are int64 (N * V exceeds 2**31 at N = 16k, V = 128k).
 //
-// Shared device code (loads, the online state, the per-element gradient) is in
-// hrm_loss_device.cuh; the Hopper variant that keeps whole rows on chip is hrm_loss_cluster.cu.
+// Shared device code (loads, the row traversal, the stores) is in hrm_loss_device.cuh; the
+// Hopper variant that keeps whole rows on chip is hrm_loss_cluster.cu.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -57,26 +41,6 @@ using namespace device;
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-// Elements [lo, hi) of a row, 8 per thread per step, element i = base + k * blockDim + tid
-// (coalesced for each k); lanes past hi are masked with -inf (and 0 for sum_z).
-template <class Tz, class Tu>
-__device__ __forceinline__ void fwd_scalar_range(FwdState& st, const Tz* zr, const Tu* ur,
-                                                 int64_t lo, int64_t hi, float ka, bool unit_t,
-                                                 bool reverse, bool smooth) {
-  for (int64_t base = lo; base < hi; base += static_cast<int64_t>(kVec) * blockDim.x) {
-    float z[kVec], u[kVec];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const int64_t i = base + static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
-      const bool in = i < hi;
-      z[k] = in ? to_float(zr[i]) : -INFINITY;
-      u[k] = in ? to_float(ur[i]) : -INFINITY;
-      if (smooth && in) st.sum_z += z[k];
-    }
-    fwd_accumulate(st, z, u, ka, unit_t, reverse);
-  }
-}
-
 // grid = (N,), block = threads_for(V) (a multiple of 32, at most kMaxThreads): one row per block.
 template <class Tz, class Tu>
 __global__ void __launch_bounds__(kMaxThreads) hrm_loss_fwd_kernel(const HrmLossFwdArgs args) {
@@ -85,58 +49,28 @@ __global__ void __launch_bounds__(kMaxThreads) hrm_loss_fwd_kernel(const HrmLoss
   const int64_t row = blockIdx.x;
   const int64_t y = load_label(args.labels, args.labels_stride, args.labels_int64, row);
   if (y == o.ignore_index) {
-    if (threadIdx.x == 0) fwd_store_zeros(row, args.loss, args.ce, args.kl, args.stats);
+    if (threadIdx.x == 0) fwd_store_zeros(row, args);
     return;
   }
   const int64_t V = args.V;
   const Tz* zr = row_ptr<Tz>(args.z, row / args.S, row % args.S);
   const Tu* ur = row_ptr<Tu>(args.u, row / args.S, row % args.S);
-  const float ka = kLog2e / o.temperature;
-  const bool unit_t = o.temperature == 1.f, smooth = o.label_smoothing > 0.f;
 
-  FwdState st = FwdState::identity();
-  const void* const ptrs[2] = {zr, ur};
-  const int sizes[2] = {static_cast<int>(sizeof(Tz)), static_cast<int>(sizeof(Tu))};
-  const int h = vector_head(ptrs, sizes);
-  if (h < 0) {
-    fwd_scalar_range(st, zr, ur, 0, V, ka, unit_t, o.reverse, smooth);
-  } else {
-    const int64_t head = h < V ? h : V;
-    const int64_t n_vec = (V - head) / kVec;        // aligned 8-element steps after the head
-    const int64_t body_end = head + n_vec * kVec;
-    fwd_scalar_range(st, zr, ur, 0, head, ka, unit_t, o.reverse, smooth);
-    const Tz* zb = zr + head;
-    const Tu* ub = ur + head;
-    for (int64_t c0 = threadIdx.x; c0 < n_vec; c0 += static_cast<int64_t>(kUnroll) * blockDim.x) {
-      float z[kUnroll][kVec], u[kUnroll][kVec];
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {   // all loads first: kUnroll * 32 B in flight
-        const int64_t c = c0 + static_cast<int64_t>(j) * blockDim.x;
-        if (c < n_vec) {
-          load8(zb + c * kVec, z[j]);
-          load8(ub + c * kVec, u[j]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) z[j][i] = u[j][i] = -INFINITY;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        if (smooth && c0 + static_cast<int64_t>(j) * blockDim.x < n_vec) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) st.sum_z += z[j][i];
-        }
-        fwd_accumulate(st, z[j], u[j], ka, unit_t, o.reverse);
-      }
-    }
-    fwd_scalar_range(st, zr, ur, body_end, V, ka, unit_t, o.reverse, smooth);
-  }
+  FwdVisit pass1{FwdState::identity(), math::fwd_params(o), o.label_smoothing > 0.f};
+  visit_row(zr, ur, V, pass1);
+  const FwdState st = block_allreduce(pass1.st, smem);   // every thread gets the row's state
 
-  st = block_allreduce(st, smem);
-  if (threadIdx.x != 0) return;
   const bool valid = y >= 0 && y < V;   // an out-of-range label is never dereferenced
-  const float z_y = valid ? to_float(zr[valid ? y : 0]) : NAN;
-  fwd_store(fwd_finish(st, o, V, z_y), row, args.loss, args.ce, args.kl, args.stats);
+  const float z_y = threadIdx.x == 0 && valid ? to_float(zr[valid ? y : 0]) : NAN;
+  math::FwdResult<float> res = math::fwd_finish(st, o, V, z_y);
+  if (math::div_kind(o) == math::Div::kJsd) {   // pass 2, with the log-sum-exps known
+    __shared__ JsdSums jsd_smem[kMaxWarps + 1];
+    JsdVisit pass2{JsdSums::identity(), math::jsd_params(o, res.stats[1], res.stats[2])};
+    visit_row(zr, ur, V, pass2);
+    const JsdSums sums = block_allreduce(pass2.sums, jsd_smem);
+    math::jsd_finish(res, o, sums.tp, sums.tq);
+  }
+  if (threadIdx.x == 0) fwd_store(res, row, args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,14 +90,14 @@ __device__ __forceinline__ void bwd_scalar_range(const BwdRow& r, bool active, c
       const int64_t i = base + static_cast<int64_t>(k) * blockDim.x;
       const bool in = active && i < hi;
       z[k] = in ? to_float(zr[i]) : 0.f;
-      u[k] = in && r.has_kl ? to_float(ur[i]) : 0.f;
+      u[k] = in && r.has_div ? to_float(ur[i]) : 0.f;
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const int64_t i = base + static_cast<int64_t>(k) * blockDim.x;
       if (i < hi) {
         float dz = 0.f, du = 0.f;
-        if (active) grad_elem(r, z[k], u[k], i, dz, du);
+        if (active) math::grad_elem(r, z[k], u[k], i, dz, du);
         dzr[i] = from_float<Tz>(dz);
         if (dur != nullptr) dur[i] = from_float<Tu>(du);
       }
@@ -192,9 +126,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const int64_t y = load_label(args.labels, args.labels_stride, args.labels_int64, row);
   const bool active = y != o.ignore_index;   // ignored rows store zeros and read nothing else
-  const BwdRow r = active ? make_bwd_row(o, V, y, args.grad[row * args.grad_stride],
-                                         args.stats[4 * row], args.stats[4 * row + 1],
-                                         args.stats[4 * row + 2], args.stats[4 * row + 3])
+  const BwdRow r = active ? math::make_bwd_row(o, V, y, args.grad[row * args.grad_stride],
+                                               args.stats + 5 * row)
                           : BwdRow{};
 
   constexpr int kPer = kVec * kUnroll;
@@ -222,7 +155,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t c = c_lo + static_cast<int64_t>(j) * blockDim.x + threadIdx.x;
     if (active && c < n_vec) {
       load8(zr + head + c * kVec, z[j]);
-      if (r.has_kl) load8(ur + head + c * kVec, u[j]);
+      if (r.has_div) load8(ur + head + c * kVec, u[j]);
       else {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) u[j][i] = 0.f;
@@ -238,7 +171,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       dz[i] = du[i] = 0.f;
-      if (active) grad_elem(r, z[j][i], u[j][i], col0 + i, dz[i], du[i]);
+      if (active) math::grad_elem(r, z[j][i], u[j][i], col0 + i, dz[i], du[i]);
     }
     store8(dzr + col0, dz);
     if (dur != nullptr) store8(dur + col0, du);

@@ -10,6 +10,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../hrm_loss_math.h"
+
 namespace hrmkernels {
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -20,24 +22,22 @@ struct RowsView {
   DType dtype;
 };
 
-struct HrmLossOptions {
-  float hrm;                    // weight of the KL term, >= 0; 0 drops the term
-  float temperature;            // > 0; only the KL term sees it
-  float label_smoothing;        // eps in [0, 1]
-  int64_t ignore_index;         // rows with this label contribute 0 and get a 0 gradient
-  bool reverse;                 // KL(q || p) instead of KL(p || q)
-};
+// hrm, temperature, label smoothing, beta (0 forward KL, 1 reverse KL, else JSD_beta) and
+// ignore_index: see hrm_loss_math.h.
+using HrmLossOptions = math::Options<float>;
 
 struct HrmLossFwdArgs {
   RowsView z, u;                // student and teacher logits, same (B, S, V)
   const void* labels;           // (N,), N = B * S; int64 if labels_int64 else int32
   int64_t labels_stride;        // element stride of labels
   bool labels_int64;
-  float* loss;                  // (N,) out: CE + hrm * KL (0 at ignored rows)
+  float* loss;                  // (N,) out: CE + hrm * D (0 at ignored rows)
   float* ce;                    // (N,) out
-  float* kl;                    // (N,) out
-  float* stats;                 // (N, 4) out, contiguous, for the backward:
-                                //   lse(z), lse(z / T), lse(u / T), mu (see hrm_loss_kernels.cu)
+  float* div;                   // (N,) out: D, the KL or JSD that beta chooses
+  float* entropy;               // (N,) out: H(softmax(z / T))
+  float* stats;                 // (N, 5) out, contiguous, for the backward (hrm_loss_math.h):
+                                //   lse(z), lse(z / T), lse(u / T), then mu, 0 (KL) or
+                                //   kl_qm, kl_pm (JSD)
   int64_t B, S, V;
   HrmLossOptions opt;
 };
@@ -47,7 +47,7 @@ struct HrmLossBwdArgs {
   const void* labels;
   int64_t labels_stride;
   bool labels_int64;
-  const float* stats;           // (N, 4) contiguous, from the forward
+  const float* stats;           // (N, 5) contiguous, from the forward
   const float* grad;            // (N,) fp32: d(total loss) / d(loss_r); grad_stride may be 0
   int64_t grad_stride;
   void* dz;                     // (B, S, V) out, z's dtype, unit last stride; may alias z
@@ -61,7 +61,7 @@ struct HrmLossBwdArgs {
 // Forward and backward together, for callers that know each row's gradient up front (e.g. the
 // loss is the final objective): the forward's outputs as in HrmLossFwdArgs, plus the gradients.
 struct HrmLossFwdBwdArgs {
-  HrmLossFwdArgs fwd;           // inputs, and the forward's outputs (loss, ce, kl, stats)
+  HrmLossFwdArgs fwd;           // inputs, and the forward's outputs
   const float* grad;            // (N,) fp32: d(total loss) / d(loss_r); grad_stride may be 0
   int64_t grad_stride;
   void* dz;                     // (B, S, V) out, z's dtype, unit last stride; may alias z
@@ -75,9 +75,9 @@ struct HrmLossFwdBwdArgs {
 cudaError_t hrm_loss_fwd_launch(const HrmLossFwdArgs& args, cudaStream_t stream);
 cudaError_t hrm_loss_bwd_launch(const HrmLossBwdArgs& args, cudaStream_t stream);
 
-// One launch where a thread-block cluster can hold whole rows of z and u on chip (sm_90+,
-// hrm_loss_cluster.cu): each input is read once and each gradient written once. Elsewhere, the
-// forward then the backward kernel (the same results).
+// One launch where a thread-block cluster can hold whole rows of z and u on chip (sm_90+, the
+// KL: beta 0 or 1; hrm_loss_cluster.cu): each input is read once and each gradient written
+// once. Elsewhere, the forward then the backward kernel (the same results).
 cudaError_t hrm_loss_fwd_bwd_launch(const HrmLossFwdBwdArgs& args, cudaStream_t stream);
 
 // The cluster size (CTAs per row) hrm_loss_fwd_bwd_launch uses for these arguments on the

@@ -3,7 +3,7 @@
     triton/    backend="triton": the dense loss (hrm_loss), top-k teachers (topk) and the
                fused linear loss (linear), as torch.library.triton_op custom ops
     pytorch    backend="torch": chunked pure PyTorch, any device
-    native     the compiled extension built from csrc/ (backend="cuda")
+    native     the C++ extension built from csrc/ (backend="cpu" on CPU, "cuda" on CUDA tensors)
 
 hrmkernels.backends chooses a module; nothing here imports the layers above. Every module
 exposes the same launchers (the top-k pair only where noted):
