@@ -178,13 +178,13 @@ def split_head(model, probe=True):
 def _probe(model, split):
     """Raise HeadNotSeparable unless model(x).logits == transforms(head(backbone(x))) on a few
     tokens. Runs in eval mode (dropout off), restoring every module's mode afterwards."""
-    embed = model.get_input_embeddings()
-    device = embed.weight.device if embed is not None else split.head.weight.device
     v = split.head.weight.shape[0]
-    ids = (torch.arange(PROBE_TOKENS, device=device) * 7 % v)[None]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        embed = model.get_input_embeddings()
+        device = embed.weight.device if embed is not None else split.head.weight.device
+        ids = (torch.arange(PROBE_TOKENS, device=device) * 7 % v)[None]
         with torch.no_grad():
             want = model(input_ids=ids, use_cache=False).logits.float()
             h = _last_hidden(split.backbone(input_ids=ids, use_cache=False)).float()
