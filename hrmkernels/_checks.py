@@ -1,4 +1,4 @@
-"""Argument validation (DESIGN.md section 3) and the canonical row view shared by every backend.
+"""Argument validation (docs/design.md section 3) and the canonical row view shared by every backend.
 
 Nothing here launches work on a device or reads device memory: every check looks at metadata
 (shape, dtype, device, Python numbers) only, so validation never synchronises the host.

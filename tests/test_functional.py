@@ -1,4 +1,4 @@
-"""The public API: bad input (DESIGN.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
+"""The public API: bad input (docs/design.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
 import os
 
 import pytest

@@ -3,7 +3,7 @@
 The launchers' contract is in kernels/__init__.py (hrm_loss_fwd / hrm_loss_bwd, and
 hrm_loss_topk_fwd / hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
 logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is; the
-forward saves per-row log-sum-exps and the backward is written by hand from DESIGN.md section 1
+forward saves per-row log-sum-exps and the backward is written by hand from docs/design.md section 1
 (top-k: topk.py) instead of keeping an autograd graph over N x V tensors.
 Math runs in float32, or float64 when an input is float64.
 
