@@ -86,8 +86,8 @@ def build(n_tokens, rows, vocab=V, teacher_vocab=V_TEACHER, student_config=STUDE
 
     torch.manual_seed(0)
     common = dict(max_position_embeddings=4096, initializer_range=0.02, attn_implementation="sdpa")
-    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab, **student_config,
-                                                                     **common))
+    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab,
+                                                                     **student_config, **common))
     teacher = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=teacher_vocab,
                                                                      **teacher_config, **common))
     teacher.eval().requires_grad_(False)
@@ -303,8 +303,8 @@ def table(result):
                 if "grad_rel_diff" in r else "")
         load = r.get("load_average_1min_before")
         load = f" ({load:.1f})" if load is not None else ""
-        lines.append(f"| {r['provider']} | {n} | {r['peak_extra_bytes'] / 2**30:.2f} GiB | {ratio} | "
-                     f"{r['step_s']:.0f} s{load} | {loss} | {diff} |")
+        lines.append(f"| {r['provider']} | {n} | {r['peak_extra_bytes'] / 2**30:.2f} GiB | "
+                     f"{ratio} | {r['step_s']:.0f} s{load} | {loss} | {diff} |")
     return "\n".join(lines)
 
 
@@ -354,7 +354,8 @@ def main(argv=None):
               "command": "python -m benchmarks.distill_step_cpu " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
               "setup": {"n_tokens": args.n, "rows": args.rows, "hrm": HRM, "temperature": 1.0,
-                        "dtype": "float32", "student": {"arch": "llama", "vocab_size": V, **STUDENT},
+                        "dtype": "float32",
+                        "student": {"arch": "llama", "vocab_size": V, **STUDENT},
                         "teacher": {"arch": "qwen2", "vocab_size": V_TEACHER, **TEACHER},
                         "prompt_tokens_ignored_per_row": PROMPT, "repeats": args.repeats,
                         "chunk_rows": args.chunk_rows,

@@ -41,7 +41,8 @@ def _op_samples(backend):
     for zz, options in cases:
         out = dense.hrm_loss_fwd(zz, u, y, *options)
         samples.append((getattr(ops, "hrm_loss_fwd" + suffix), (zz, u, y, *options)))
-        for du, grad in ((torch.empty_like(u), g), (None, torch.ones((), device=DEVICE).expand(10))):
+        for du, grad in ((torch.empty_like(u), g),
+                         (None, torch.ones((), device=DEVICE).expand(10))):
             samples.append((getattr(ops, "hrm_loss_bwd" + suffix),
                             (zz, u, y, out[4], grad, *options, torch.empty_like(zz), du)))
         if topk is not None and options[-1] in (0.0, 1.0):   # top-k teachers: KL only

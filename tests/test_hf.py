@@ -144,8 +144,8 @@ def test_hrm_distillation_loss_shifts_labels_and_matches_the_reference():
     shifted = {**batch, "shift_labels": batch["labels"][:, 1:], "labels": None}
     shifted["input_ids"] = batch["input_ids"][:, :-1]
     shifted["attention_mask"] = batch["attention_mask"][:, :-1]
-    torch.testing.assert_close(hrm_distillation_loss(student, shifted, loss_fn, teacher), expected * 25
-                               / (batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(hrm_distillation_loss(student, shifted, loss_fn, teacher),
+                               expected * 25 / (batch["labels"][:, 1:] != -100).sum())
 
 
 def test_hrm_distillation_loss_with_an_offline_topk_teacher():
@@ -175,7 +175,8 @@ def test_a_loss_fn_that_shifts_labels_itself_is_refused():
 def test_logit_transforms_read_from_configs():
     assert logit_transforms(transformers.LlamaConfig()) == (1.0, None)
     assert logit_transforms(transformers.Gemma2Config()) == (1.0, 30.0)
-    assert logit_transforms(transformers.Gemma3TextConfig(final_logit_softcapping=5.0)) == (1.0, 5.0)
+    assert (logit_transforms(transformers.Gemma3TextConfig(final_logit_softcapping=5.0))
+            == (1.0, 5.0))
     assert logit_transforms(transformers.CohereConfig()) == (0.0625, None)
     assert logit_transforms(transformers.GraniteConfig(logits_scaling=8.0)) == (0.125, None)
     assert logit_transforms(transformers.FalconH1Config(lm_head_multiplier=0.5))[0] == 0.5
