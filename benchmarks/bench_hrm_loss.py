@@ -1,6 +1,6 @@
 """pytest-benchmark view of the runner's problems: ``pytest benchmarks/ --benchmark-only``.
 
-CPU: small sizes, the eager reference against backend="torch". GPU: DESIGN.md section 5 sizes
+CPU: small sizes, the eager reference against backend="torch". GPU: docs/design.md section 6 sizes
 (``--bench-quick`` for a subset) and every provider that can run, torch.compile(reference) and
 the Triton backend among them. pytest-benchmark reads a host clock, so each timed call ends with
 a CUDA synchronisation. For GB/s against a copy's bandwidth and the JSON, use benchmarks.run.

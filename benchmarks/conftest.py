@@ -1,7 +1,8 @@
 """pytest set-up for `pytest benchmarks/ --benchmark-only`: collect bench_*.py, add --bench-quick.
 
-The files are named bench_*.py (DESIGN.md's name stem) so that CI's plain `pytest`, which
-collects tests/ only, never times anything; this hook makes pytest collect them here.
+The files are named bench_*.py (the project's name stem, docs/design.md section 7) so that CI's
+plain `pytest`, which collects tests/ only, never times anything; this hook makes pytest collect
+them here.
 """
 import pytest
 

@@ -38,7 +38,7 @@ BACKEND_OF = {"torch": "torch", "triton": "triton", "triton-inplace": "triton", 
 
 
 def bytes_moved(mode, n, v, elem_size):
-    """Fewest bytes the problem moves (DESIGN.md section 5), the same for every provider.
+    """Fewest bytes the problem moves (docs/design.md section 6), the same for every provider.
 
     The forward reads z and u once (2 N V); forward+backward reads them again and writes the
     student gradient (5 N V). Per-row traffic (labels, LSEs) is under 0.1% and left out.

@@ -37,7 +37,7 @@ PROVENANCE_KEYS = ("gpu", "device", "torch", "triton", "cuda", "commit", "dirty"
                    "python", "liger_kernel")
 # Fields that must match for two runs to share one JSON (the date may differ).
 SAME_RUN_KEYS = ("gpu", "torch", "triton", "cuda", "commit", "liger_kernel")
-# DESIGN.md section 5 on a GPU; CPU sizes keep `pytest benchmarks/` to well under a minute.
+# docs/design.md section 6 on a GPU; CPU sizes keep `pytest benchmarks/` to well under a minute.
 GRIDS = {
     ("cuda", False): {"n": (4096, 16384), "v": (32000, 128256, 262144), "t": (1.0, 2.0)},
     ("cuda", True): {"n": (4096,), "v": (32000, 128256), "t": (1.0,)},

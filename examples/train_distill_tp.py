@@ -79,7 +79,8 @@ def main(argv=None):
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda
+              else torch.device("cpu"))
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)

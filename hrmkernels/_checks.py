@@ -1,4 +1,5 @@
-"""Argument validation (DESIGN.md section 3) and the canonical row view shared by every backend.
+"""Argument validation (docs/design.md section 3) and the canonical row view shared by every
+backend.
 
 Nothing here launches work on a device or reads device memory: every check looks at metadata
 (shape, dtype, device, Python numbers) only, so validation never synchronises the host.
@@ -49,8 +50,9 @@ def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl
         raise TypeError(f"shift_labels must be a bool, got {type(shift_labels).__name__}")
     if jsd_beta is not None:
         if not 0.0 <= _real("jsd_beta", jsd_beta) <= 1.0:
-            raise ValueError(f"jsd_beta must lie in [0, 1] (TRL's beta: 0 is KL(teacher || student), "
-                             f"1 is KL(student || teacher)), got {jsd_beta}")
+            raise ValueError(f"jsd_beta must lie in [0, 1] (TRL's beta: 0 is "
+                             f"KL(teacher || student), 1 is KL(student || teacher)), "
+                             f"got {jsd_beta}")
         if kl_direction != "forward":
             raise ValueError("pass jsd_beta or kl_direction, not both: jsd_beta=1.0 is "
                              "kl_direction='reverse', jsd_beta=0.0 is 'forward'")
@@ -84,14 +86,16 @@ def check_tensors(student_logits, teacher_logits, labels):
     if vt != v:
         msg = f"teacher_logits has V={vt} but student_logits has V={v}: the vocabularies must match"
         if vt > v:
-            msg += f"; for a padded teacher vocabulary pass teacher_logits[..., :{v}] (a view, no copy)"
+            msg += (f"; for a padded teacher vocabulary pass teacher_logits[..., :{v}] "
+                    f"(a view, no copy)")
         raise ValueError(msg)
     if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} must equal "
-                         f"student_logits leading shape {tuple(student_logits.shape[:-1])}")
+        raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} "
+                         f"must equal student_logits leading shape "
+                         f"{tuple(student_logits.shape[:-1])}")
     if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(student_logits.shape[:-1])} (student_logits "
-                         f"without its last dimension), got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape {tuple(student_logits.shape[:-1])} "
+                         f"(student_logits without its last dimension), got {tuple(labels.shape)}")
 
 
 def check_num_items(num_items_in_batch, device, reduction):
@@ -102,10 +106,12 @@ def check_num_items(num_items_in_batch, device, reduction):
                          f"reduction={reduction!r} it would be ignored: pass one or the other")
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
-            raise ValueError("num_items_in_batch must be an int or a 0-d numeric tensor, got a tensor "
-                             f"of shape {tuple(num_items_in_batch.shape)} and {num_items_in_batch.dtype}")
+            raise ValueError("num_items_in_batch must be an int or a 0-d numeric tensor, got a "
+                             f"tensor of shape {tuple(num_items_in_batch.shape)} and "
+                             f"{num_items_in_batch.dtype}")
         if num_items_in_batch.device.type not in ("cpu", device.type):
-            raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device}, expected {device}")
+            raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device}, "
+                             f"expected {device}")
     elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, Integral):
         raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, "
                         f"got {type(num_items_in_batch).__name__}")
@@ -132,11 +138,12 @@ def rows_view(x):
 
 
 def check_teacher_topk(student_logits, teacher_topk, labels, topk_mode):
-    """Validate a sparse teacher ``(indices, logprobs)``, each (..., k), with the student and labels."""
+    """Validate a sparse teacher ``(indices, logprobs)``, each (..., k), with the student and
+    labels."""
     check_tensors(student_logits, student_logits, labels)   # the student and label checks
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors shaped (..., k), "
-                        f"got {type(teacher_topk).__name__}")
+        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors shaped "
+                        f"(..., k), got {type(teacher_topk).__name__}")
     idx, logp = teacher_topk
     for name, t in (("indices", idx), ("logprobs", logp)):
         if not isinstance(t, torch.Tensor):

@@ -39,7 +39,8 @@ class HRMLossFunction(torch.autograd.Function):
         # inplace_backward: the gradient overwrites the logits it is computed from, element by
         # element in the same pass (the caller promised not to need them afterwards).
         dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1] else None
+        du = (torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1]
+              else None)
         ctx.impl.hrm_loss_bwd(z, u, labels, stats, grad_loss.reshape(-1), *ctx.options, dz, du)
         du = du.reshape(teacher_logits.shape) if du is not None else None
         return dz.reshape(student_logits.shape), du, *(None,) * 8

@@ -168,6 +168,9 @@ def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=N
     need_teacher = (hrm > 0 or (with_kl and stats is None))
     outs = []
     for r0 in range(0, n, rows):
+        # Release the previous chunk's logits before forming this chunk's: rebinding alone
+        # would hold three chunk buffers at once (old z and u, new z), not two.
+        z = uc = du = None
         r1 = min(n, r0 + rows)
         y = labels[r0:r1]
         z = _transform(_logits(xs[r0:r1], ws, bs), s_scale, s_cap)

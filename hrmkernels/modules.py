@@ -27,7 +27,8 @@ class FusedHRMLoss(torch.nn.Module):
         _choice("topk_mode", topk_mode, TOPK_MODES)
         self.hrm, self.temperature, self.kl_direction = hrm, temperature, kl_direction
         self.jsd_beta = jsd_beta
-        self.reduction, self.label_smoothing, self.ignore_index = reduction, label_smoothing, ignore_index
+        self.reduction, self.label_smoothing = reduction, label_smoothing
+        self.ignore_index = ignore_index
         self.backend, self.return_components = backend, return_components
         self.inplace_backward, self.topk_mode = inplace_backward, topk_mode
         self.shift_labels = shift_labels

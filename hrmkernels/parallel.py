@@ -98,7 +98,8 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         valid = (labels >= 0) & (labels < v_total)
         z_y = torch.where(valid, parts[:, 4], torch.nan)
         eps = label_smoothing
-        ce = lse[:, 0] - (1 - eps) * z_y - eps / v_total * parts[:, 5] if eps > 0 else lse[:, 0] - z_y
+        ce = (lse[:, 0] - (1 - eps) * z_y - eps / v_total * parts[:, 5] if eps > 0
+              else lse[:, 0] - z_y)
         entropy = parts[:, 6] / parts[:, 1] + torch.log(parts[:, 1])
         keep = labels != ignore_index
         ce, kl, entropy = (torch.where(keep, t, 0.0) for t in (ce, kl, entropy))
@@ -118,7 +119,8 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         z, u = rows_view(z_local), rows_view(u_local)
         v_local = z.shape[-1]
         dz = z if ctx.inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1] else None
+        du = (torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1]
+              else None)
         grad = grad_loss.reshape(-1)
         # The kernel subtracts eps_k / V_local everywhere and (1 - eps_k) at the label: eps_k =
         # eps * V_local / V gives the global eps / V, and the label column is corrected below.

@@ -1,4 +1,4 @@
-"""The specification of the fused HRM loss in plain PyTorch (DESIGN.md section 1).
+"""The specification of the fused HRM loss in plain PyTorch (docs/design.md section 1).
 
 Readable, differentiable by autograd, and deliberately unoptimised: it materialises several
 N x V tensors. Tests compare every backend with it in float64; it is not a backend.

@@ -14,7 +14,7 @@ TINY = ["--n", "8", "--v", "64", "--t", "1", "2", "--warmup-ms", "1", "--rep-ms"
 
 
 def test_bytes_moved_follows_design():
-    # DESIGN.md section 5: forward reads z and u; backward reads both again and writes dz.
+    # docs/design.md section 6: forward reads z and u; backward reads both again and writes dz.
     assert providers.bytes_moved("fwd", 4096, 32000, 2) == 2 * 4096 * 32000 * 2
     assert providers.bytes_moved("fwd+bwd", 4096, 32000, 2) == 5 * 4096 * 32000 * 2
 

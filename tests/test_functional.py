@@ -1,4 +1,4 @@
-"""The public API: bad input (DESIGN.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
+"""The public API: bad input (docs/design.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
 import os
 
 import pytest
@@ -18,14 +18,17 @@ def _inputs(n=4, v=10):
 BAD = [
     # (what changes, exception, words the message must contain)
     (dict(student_logits=[1.0]), TypeError, "student_logits must be a torch.Tensor"),
-    (dict(student_logits=torch.zeros(4, 10, dtype=torch.long)), TypeError, "student_logits must be float"),
-    (dict(teacher_logits=torch.zeros(4, 10, dtype=torch.int32)), TypeError, "teacher_logits must be float"),
+    (dict(student_logits=torch.zeros(4, 10, dtype=torch.long)), TypeError,
+     "student_logits must be float"),
+    (dict(teacher_logits=torch.zeros(4, 10, dtype=torch.int32)), TypeError,
+     "teacher_logits must be float"),
     (dict(labels=torch.zeros(4)), TypeError, "labels must be int64 or int32"),
     (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape (4,)"),
     (dict(teacher_logits=torch.zeros(4, 12)), ValueError, "teacher_logits[..., :10]"),
     (dict(teacher_logits=torch.zeros(4, 8)), ValueError, "V=8 but student_logits has V=10"),
     (dict(teacher_logits=torch.zeros(3, 10)), ValueError, "teacher_logits leading shape"),
-    (dict(student_logits=torch.zeros(4, 0), teacher_logits=torch.zeros(4, 0)), ValueError, "V >= 1"),
+    (dict(student_logits=torch.zeros(4, 0), teacher_logits=torch.zeros(4, 0)), ValueError,
+     "V >= 1"),
     (dict(hrm=-0.1), ValueError, "hrm must be a finite float >= 0"),
     (dict(hrm=float("nan")), ValueError, "hrm must not be NaN"),
     (dict(hrm="0.5"), TypeError, "hrm must be a Python float"),
@@ -38,7 +41,8 @@ BAD = [
     (dict(backend="cutlass"), ValueError, "backend must be one of"),
     (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
     (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
-    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be an int or a 0-d"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError,
+     "num_items_in_batch must be an int or a 0-d"),
     (dict(jsd_beta=1.5), ValueError, "jsd_beta must lie in [0, 1]"),
     (dict(jsd_beta=float("nan")), ValueError, "jsd_beta must not be NaN"),
     (dict(jsd_beta="0.5"), TypeError, "jsd_beta must be a Python float"),
@@ -50,7 +54,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("change,exc,words", BAD, ids=[str(list(b[0]))[:40] + str(i) for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("change,exc,words", BAD,
+                         ids=[str(list(b[0]))[:40] + str(i) for i, b in enumerate(BAD)])
 def test_hrm_loss_bad_input_raises_naming_the_argument(change, exc, words):
     z, u, y = _inputs()
     args = dict(student_logits=z, teacher_logits=u, labels=y, hrm=0.5)
@@ -115,8 +120,9 @@ def test_hrm_loss_components_are_detached_and_consistent():
 
 
 def test_public_api_is_exactly_the_design():
-    assert set(hrmkernels.__all__) == {"FusedHRMLoss", "HRMLoss", "available_backends", "fused_hrm_loss",
-                                       "FusedLinearHRMLoss", "fused_linear_hrm_loss"}
+    assert set(hrmkernels.__all__) == {"FusedHRMLoss", "HRMLoss", "available_backends",
+                                       "fused_hrm_loss", "FusedLinearHRMLoss",
+                                       "fused_linear_hrm_loss"}
     assert all(hasattr(hrmkernels, name) for name in hrmkernels.__all__)
 
 
@@ -173,6 +179,7 @@ def test_hrm_loss_without_a_teacher_is_the_fused_cross_entropy():
         (dz,) = torch.autograd.grad(out.loss, z)
         (ref,) = torch.autograd.grad(expected, z)
         torch.testing.assert_close(dz, ref)
-    torch.testing.assert_close(FusedHRMLoss(0.0)(z, labels=y), torch.nn.functional.cross_entropy(z, y))
+    torch.testing.assert_close(FusedHRMLoss(0.0)(z, labels=y),
+                               torch.nn.functional.cross_entropy(z, y))
     with pytest.raises(ValueError, match="neither teacher_logits nor teacher_topk"):
         fused_hrm_loss(z, None, y, 0.5)

@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference (DESIGN.md section 1), at awkward sizes and layouts.
+"""Every backend against the float64 reference (docs/design.md section 1), at awkward sizes and layouts.
 
 Each case changes one thing from a base configuration, so a failure names its cause. Loss, CE, KL
 and gradients are compared with the reference evaluated in float64 on the very same (rounded)

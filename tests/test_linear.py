@@ -417,8 +417,8 @@ def test_linear_hrm_loss_shift_labels_takes_hugging_face_labels():
     y = torch.randint(0, 30, (2, 6), device=DEVICE)
     kw = dict(temperature=2.0, reduction="none")
     expected = fused_linear_hrm_loss(xs[:, :-1], ws, xt[:, :-1], wt, y[:, 1:], 0.5, **kw)
-    torch.testing.assert_close(fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, shift_labels=True, **kw),
-                               expected)
+    torch.testing.assert_close(fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, shift_labels=True,
+                                                     **kw), expected)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "fused"])
@@ -432,7 +432,8 @@ def test_linear_hrm_loss_without_a_teacher_is_the_fused_linear_cross_entropy(imp
     expected = torch.nn.functional.cross_entropy(xs @ ws.T, y)
     torch.testing.assert_close(out.loss, expected)
     assert out.kl.item() == 0
-    for a, b in zip(torch.autograd.grad(out.loss, (xs, ws)), torch.autograd.grad(expected, (xs, ws))):
+    for a, b in zip(torch.autograd.grad(out.loss, (xs, ws)),
+                    torch.autograd.grad(expected, (xs, ws))):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="no teacher was given"):
         fused_linear_hrm_loss(xs, ws, None, None, y, 0.5)

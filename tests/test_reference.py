@@ -1,4 +1,5 @@
-"""The reference is the spec: check it against torch's own CE and KL, and its autograd in float64."""
+"""The reference is the spec: check it against torch's own CE and KL, and its autograd in
+float64."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ def test_hrm_loss_reference_matches_torch_composition(direction, eps, reduction)
         log_q, log_p = log_p, log_q
     # F.kl_div(input, target) = KL(target || input) with log_target=True
     kl_rows = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * (y != -100)
-    kl = {"none": kl_rows, "sum": kl_rows.sum(), "mean": kl_rows.sum() / (y != -100).sum()}[reduction]
+    kl = {"none": kl_rows, "sum": kl_rows.sum(),
+          "mean": kl_rows.sum() / (y != -100).sum()}[reduction]
     out = hrm_loss_reference(z, u, y, hrm, temperature=t, label_smoothing=eps, reduction=reduction,
                              kl_direction=direction, return_components=True)
     torch.testing.assert_close(out[1], ce)

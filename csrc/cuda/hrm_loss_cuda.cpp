@@ -78,6 +78,21 @@ FwdOutputs hrm_loss_fwd_cuda(const at::Tensor& z, const at::Tensor& u, const at:
   return out;
 }
 
+// The gradient fields HrmLossBwdArgs and HrmLossFwdBwdArgs share: the rows' incoming gradient
+// grad (N,) and the outputs dz, du (du may be absent: no teacher gradient).
+template <class Args>
+void set_grad_args(Args& args, const at::Tensor& grad, const at::Tensor& dz,
+                   const std::optional<at::Tensor>& du) {
+  args.grad = grad.data_ptr<float>();
+  args.grad_stride = grad.stride(0);
+  args.dz = dz.data_ptr();
+  args.dz_stride_b = dz.stride(0);
+  args.dz_stride_s = dz.stride(1);
+  args.du = du.has_value() ? du->data_ptr() : nullptr;
+  args.du_stride_b = du.has_value() ? du->stride(0) : 0;
+  args.du_stride_s = du.has_value() ? du->stride(1) : 0;
+}
+
 // Writes the gradient of sum_r grad_r * loss_r into dz and, when given, du.
 void hrm_loss_bwd_cuda(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
                        const at::Tensor& stats, const at::Tensor& grad, double hrm,
@@ -94,14 +109,7 @@ void hrm_loss_bwd_cuda(const at::Tensor& z, const at::Tensor& u, const at::Tenso
   args.labels_stride = labels.stride(0);
   args.labels_int64 = labels.scalar_type() == at::kLong;
   args.stats = stats.data_ptr<float>();
-  args.grad = grad.data_ptr<float>();
-  args.grad_stride = grad.stride(0);
-  args.dz = dz.data_ptr();
-  args.dz_stride_b = dz.stride(0);
-  args.dz_stride_s = dz.stride(1);
-  args.du = du.has_value() ? du->data_ptr() : nullptr;
-  args.du_stride_b = du.has_value() ? du->stride(0) : 0;
-  args.du_stride_s = du.has_value() ? du->stride(1) : 0;
+  set_grad_args(args, grad, dz, du);
   args.B = z.size(0);
   args.S = z.size(1);
   args.V = z.size(2);
@@ -113,14 +121,7 @@ HrmLossFwdBwdArgs fwd_bwd_args(const HrmLossFwdArgs& fwd, const at::Tensor& grad
                                const at::Tensor& dz, const std::optional<at::Tensor>& du) {
   HrmLossFwdBwdArgs args{};
   args.fwd = fwd;
-  args.grad = grad.data_ptr<float>();
-  args.grad_stride = grad.stride(0);
-  args.dz = dz.data_ptr();
-  args.dz_stride_b = dz.stride(0);
-  args.dz_stride_s = dz.stride(1);
-  args.du = du.has_value() ? du->data_ptr() : nullptr;
-  args.du_stride_b = du.has_value() ? du->stride(0) : 0;
-  args.du_stride_s = du.has_value() ? du->stride(1) : 0;
+  set_grad_args(args, grad, dz, du);
   return args;
 }
 

@@ -1,10 +1,10 @@
 """backend="torch": the fused HRM loss in pure PyTorch, memory-frugal, for any device.
 
 The launchers' contract is in kernels/__init__.py (hrm_loss_fwd / hrm_loss_bwd, and
-hrm_loss_topk_fwd / hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about CHUNK_ELEMENTS
-logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is; the
-forward saves per-row log-sum-exps and the backward is written by hand from DESIGN.md section 1
-(top-k: topk.py) instead of keeping an autograd graph over N x V tensors.
+hrm_loss_topk_fwd / hrm_loss_topk_bwd for top-k teachers): rows are processed in chunks of about
+CHUNK_ELEMENTS logits, so the fp32 temporaries never exceed a few chunk-sized tensors whatever N is;
+the forward saves per-row log-sum-exps and the backward is written by hand from docs/design.md
+section 1 (top-k: topk.py) instead of keeping an autograd graph over N x V tensors.
 Math runs in float32, or float64 when an input is float64.
 
 The launchers call custom ops (torch.ops.hrmkernels.*_torch), which torch.compile treats as
@@ -131,7 +131,8 @@ def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
         ce[r0:r1] = torch.where(keep, ce_c, 0.0)
         div[r0:r1] = torch.where(keep, div_c, 0.0)
         ent[r0:r1] = torch.where(keep, _entropy(a), 0.0)
-        stats[r0:r1] = torch.where(keep[:, None], torch.stack((lse_z, lse_a, lse_b, s3, s4), 1), 0.0)
+        stats[r0:r1] = torch.where(keep[:, None], torch.stack((lse_z, lse_a, lse_b, s3, s4), 1),
+                                   0.0)
     loss = ce + hrm * div if hrm > 0 else ce.clone()
     return loss, ce, div, ent, stats
 
