@@ -120,6 +120,27 @@ def _log_mix(lp, lq, log_beta, log_1m_beta):
 
 
 @triton.jit
+def _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta, log_1m_beta,
+                      REVERSE: tl.constexpr, JSD: tl.constexpr):
+    """(G_z, G_u): T / hrm times the divergence's gradient in z and u, element by element, from
+    a = z/T, b = u/T, q, p and the row's statistics (s3 = mu or KL(q || m), s4 = KL(p || m)).
+    A zero probability contributes 0, never 0 * inf."""
+    if JSD:       # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
+        lq = a - lse_a
+        lp = b - lse_b
+        lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+        g_z = (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
+        g_u = beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
+    elif REVERSE:   # log q - log p - KL = (a - b) - mu, s3 = mu = E_q[a - b]
+        g_z = tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
+        g_u = p - q
+    else:           # log p - log q - KL = (b - a) - mu, s3 = mu = E_p[b - a]
+        g_z = q - p
+        g_u = tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
+    return g_z, g_u
+
+
+@triton.jit
 def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, N_STATS: tl.constexpr):
     """An ignored token: loss, CE, KL, entropy and the saved statistics of its row are zeros."""
     tl.store(loss_ptr + row, 0.0)
@@ -282,20 +303,11 @@ def _hrm_loss_bwd_kernel(
             a = z * inv_t
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
-        c = hrm * inv_t
-        if JSD:   # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
-            lq = a - lse_a
-            lp = b - lse_b
-            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
-            s4 = tl.load(stats_ptr + 5 * row + 4)
-            dz += c * (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
-            du = c * beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
-        elif REVERSE:   # s3 = mu = E_q[a - b]
-            dz += c * tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
-            du = c * (p - q)
-        else:           # s3 = mu = E_p[b - a]
-            dz += c * (q - p)
-            du = c * tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
+        s4 = tl.load(stats_ptr + 5 * row + 4)
+        g_z, g_u = _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
+                                     log_1m_beta, REVERSE, JSD)
+        dz += hrm * inv_t * g_z
+        du = hrm * inv_t * g_u
     else:
         du = tl.zeros([BLOCK_V], tl.float32)   # hrm == 0: the teacher gets an exact zero gradient
     if WRITE_DU:

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hrmkernels.kernels.triton.hrm_loss import (_device_of, _log_mix, divergence_args,
-                                                launch_target)
+from hrmkernels.kernels.triton.hrm_loss import (_device_of, _divergence_grads, _log_mix,
+                                                divergence_args, launch_target)
 
 
 # Launch configurations (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel and kind
@@ -452,20 +452,11 @@ def _linear_hrm_loss_bwd_kernel(
             a = z * inv_t
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
-        c = hrm * inv_t
-        if JSD:         # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
-            s4 = tl.load(stats_ptr + 5 * rows + 4, mask=keep, other=0.0)[:, None]
-            lq = a - lse_a
-            lp = b - lse_b
-            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
-            dz += c * (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
-            du = c * beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
-        elif REVERSE:   # log q - log p - KL = (a - b) - mu, s3 = mu
-            dz += c * tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
-            du = c * (p - q)
-        else:           # log p - log q - KL = (b - a) - mu
-            dz += c * (q - p)
-            du = c * tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
+        s4 = tl.load(stats_ptr + 5 * rows + 4, mask=keep, other=0.0)[:, None]
+        g_z, g_u = _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
+                                     log_1m_beta, REVERSE, JSD)
+        dz += hrm * inv_t * g_z
+        du = hrm * inv_t * g_u
         du = tl.where(live, du * g[:, None], 0.0)
         if T_GRADS & 8:   # each element of du belongs to this program alone: a plain store
             tl.store(du_ptr + rows[:, None] * du_stride + cols[None, :],
