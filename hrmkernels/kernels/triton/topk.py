@@ -110,6 +110,25 @@ def _jsd_terms(lp, lq, log_beta, log_1m_beta):
 
 
 @triton.jit
+def _topk_divergence_step(kl, kl_pm, kl_qm, lt, ls, log_beta, log_1m_beta,
+                          REVERSE: tl.constexpr, JSD: tl.constexpr):
+    """A step of top-k entries added to the divergence's sums, from their teacher and student
+    log-probabilities lt, ls: sum p (lt - ls) (forward), sum q (ls - lt) (reverse), or the JSD's
+    KL(p || m) and KL(q || m) terms. A zero probability contributes 0."""
+    if JSD:
+        pm, qm = _jsd_terms(lt, ls, log_beta, log_1m_beta)
+        kl_pm += pm
+        kl_qm += qm
+    elif REVERSE:
+        q = tl.exp(ls)
+        kl += tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
+    else:
+        p = tl.exp(lt)
+        kl += tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
+    return kl, kl_pm, kl_qm
+
+
+@triton.jit
 def _fold_max_others(m, o, lp, BLOCK_K: tl.constexpr):
     """Fold a block of log-probabilities lp (fp64) into (m, o): m = max l and o = the sum of
     exp(l - m) over every entry but one maximal one, so that sum exp(l) = exp(m) (1 + o)."""
@@ -224,17 +243,8 @@ def _hrm_loss_topk_fwd_kernel(
                                                BLOCK_K)
             n_bad += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
             m_l, others = _fold_max_others(m_l, others, lp.to(tl.float64), BLOCK_K)
-            ls = a_top - lse_s
-            if JSD:
-                pm, qm = _jsd_terms(lp, ls, log_beta, log_1m_beta)
-                kl_pm += pm
-                kl_qm += qm
-            elif REVERSE:
-                q = tl.exp(ls)
-                kl += tl.sum(tl.where(q > 0.0, q * (ls - lp), 0.0), axis=0)
-            else:
-                p = tl.exp(lp)
-                kl += tl.sum(tl.where(p > 0.0, p * (lp - ls), 0.0), axis=0)
+            kl, kl_pm, kl_qm = _topk_divergence_step(kl, kl_pm, kl_qm, lp, a_top - lse_s,
+                                                     log_beta, log_1m_beta, REVERSE, JSD)
         pr = tl.maximum(_one_minus_exp(m_l + _log1p(others)), 0.0)
         pr = tl.where(K == V, 0.0, pr)    # k = V: nothing is left outside, whatever the rounding
         log_pr = tl.log(pr).to(tl.float32)
@@ -264,18 +274,9 @@ def _hrm_loss_topk_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             kmask, ok, lp, a_top = _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T,
                                                BLOCK_K)
-            ls = a_top - lse_s
-            lt = lp - slot2
-            if JSD:
-                pm, qm = _jsd_terms(lt, ls, log_beta, log_1m_beta)
-                kl_pm += pm
-                kl_qm += qm
-            elif REVERSE:
-                q = tl.exp(ls)
-                kl += tl.sum(tl.where(q > 0.0, q * (ls - lt), 0.0), axis=0)
-            else:
-                p = tl.exp(lt)
-                kl += tl.sum(tl.where(p > 0.0, p * (lt - ls), 0.0), axis=0)
+            kl, kl_pm, kl_qm = _topk_divergence_step(kl, kl_pm, kl_qm, lp - slot2,
+                                                     a_top - lse_s, log_beta, log_1m_beta,
+                                                     REVERSE, JSD)
     if JSD:
         kl = beta * kl_pm + (1.0 - beta) * kl_qm
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true KL >= 0; NaN passes through
