@@ -1,4 +1,5 @@
-"""Every backend against the float64 reference (docs/design.md section 1), at awkward sizes and layouts.
+"""Every backend against the float64 reference (docs/design.md section 1), at awkward sizes and
+layouts.
 
 Each case changes one thing from a base configuration, so a failure names its cause. Loss, CE, KL
 and gradients are compared with the reference evaluated in float64 on the very same (rounded)
@@ -75,7 +76,8 @@ def _labels(shape, c):
 def _run(loss_fn, zl, ul, view_z, view_u, y, c, teacher_grad, g):
     zl = zl.detach().requires_grad_()
     ul = ul.detach().requires_grad_(teacher_grad)
-    divergence = dict(jsd_beta=c["jsd"]) if c["jsd"] is not None else dict(kl_direction=c["direction"])
+    divergence = (dict(jsd_beta=c["jsd"]) if c["jsd"] is not None
+                  else dict(kl_direction=c["direction"]))
     out = loss_fn(view_z(zl), view_u(ul), y, c["hrm"], temperature=c["t"], label_smoothing=c["eps"],
                   reduction=c["reduction"], num_items_in_batch=c["num_items"],
                   return_components=True, **divergence)
@@ -105,7 +107,8 @@ def check(backend, **kw):
     mag = max(x[x.isfinite()].abs().max().item() if x.isfinite().any() else 0.0 for x in (zl, ul))
     mag = max(1.0, mag / c["t"], math.log(c["v"]))
     atol = 1e-6 * mag
-    for name, a, b in zip(("loss", "ce", "kl", "entropy"), (*got, got.entropy), (*ref, ref.entropy)):
+    for name, a, b in zip(("loss", "ce", "kl", "entropy"), (*got, got.entropy),
+                          (*ref, ref.entropy)):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
@@ -142,7 +145,8 @@ CASES = {
     "teacher grad bf16 T=1": dict(teacher_grad=True, dtype=torch.bfloat16, t=1.0),
     **{f"-inf {m} {d} eps={e}": dict(masked=m, direction=d, eps=e, teacher_grad=True)
        for m in ("random", "leading") for d in ("forward", "reverse") for e in (0.0, 0.1)},
-    "magnitude 1e4": dict(scale=1e4, t=4.0), "magnitude 1e4 reverse": dict(scale=1e4, direction="reverse"),
+    "magnitude 1e4": dict(scale=1e4, t=4.0),
+    "magnitude 1e4 reverse": dict(scale=1e4, direction="reverse"),
     **{f"jsd beta={b} T={t}": dict(jsd=b, t=t, teacher_grad=True)
        for b in (0.0, 0.1, 0.5, 0.9, 1.0) for t in (0.5, 1.0, 2.0)},
     **{f"jsd -inf {m}": dict(jsd=0.5, masked=m, teacher_grad=True) for m in ("random", "leading")},
@@ -247,7 +251,8 @@ def test_hrm_loss_infinite_kl_is_the_true_value(backend):
     z[:, 7] = float("-inf")
     y = torch.tensor([1, 2, 3], device=DEVICE)
     out = fused_hrm_loss(z, u, y, 0.5, backend=backend, reduction="none", return_components=True)
-    assert torch.isinf(out.kl).all() and torch.isinf(out.loss).all() and torch.isfinite(out.ce).all()
+    assert (torch.isinf(out.kl).all() and torch.isinf(out.loss).all()
+            and torch.isfinite(out.ce).all())
     out = fused_hrm_loss(z, u, y, 0.0, backend=backend, reduction="none", return_components=True)
     torch.testing.assert_close(out.loss, out.ce)
 
@@ -257,7 +262,8 @@ def test_hrm_loss_inplace_backward(backend):
     z, u = torch.randn(2, 6, 777, device=DEVICE), torch.randn(2, 6, 777, device=DEVICE)
     y = torch.randint(0, 777, (2, 5), device=DEVICE)
     zl = z.clone().requires_grad_()
-    (expected,) = torch.autograd.grad(fused_hrm_loss(zl[:, :-1], u[:, :-1], y, 0.5, backend=backend), zl)
+    (expected,) = torch.autograd.grad(
+        fused_hrm_loss(zl[:, :-1], u[:, :-1], y, 0.5, backend=backend), zl)
     buf = z.clone().requires_grad_() * 1.0   # a non-leaf whose storage the backward may overwrite
     loss = fused_hrm_loss(buf[:, :-1], u[:, :-1], y, 0.5, backend=backend, inplace_backward=True)
     (dz,) = torch.autograd.grad(loss, buf)
@@ -321,14 +327,16 @@ def test_hrm_loss_denominator_math():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries(dict(
     n=st.integers(1, 8), v=st.integers(1, 300),
     layout=st.sampled_from(["2d", "3d", "shifted", "4d"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     direction=st.sampled_from(["forward", "reverse"]), t=st.sampled_from([0.5, 1.0, 2.0, 4.0]),
     eps=st.sampled_from([0.0, 0.1, 1.0]), hrm=st.sampled_from([0.0, 0.001, 0.5, 10.0]),
-    ignore=st.sampled_from(["all", "none", "some"]), reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore=st.sampled_from(["all", "none", "some"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
     teacher_grad=st.booleans(), masked=st.sampled_from([None, "random"]),
     scale=st.sampled_from([0.1, 3.0, 30.0]), jsd=st.sampled_from([None, None, 0.5]))))
 def test_hrm_loss_property_random_shapes_and_options(backend, case):

@@ -88,7 +88,8 @@ def check(backend, **kw):
     ref, dz_ref = _run(_reference, z.double(), view, y, (idx, lp.double()), c, g.double())
     # fp32 floors as in test_hrm_loss.py: a few ulps of the log-sum-exps (~|logit| / T).
     mag = max(1.0, z[z.isfinite()].abs().max().item() / c["t"], math.log(c["v"]))
-    for name, a, b in zip(("loss", "ce", "kl", "entropy"), (*got, got.entropy), (*ref, ref.entropy)):
+    for name, a, b in zip(("loss", "ce", "kl", "entropy"), (*got, got.entropy),
+                          (*ref, ref.entropy)):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * mag, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
@@ -115,7 +116,8 @@ CASES = {
     **{f"{m} {case}": dict(mode=m, direction=d, case=case) for m in ("rest", "renormalize")
        for d, case in (("forward", "teacher -inf"), ("reverse", "student -inf in top-k"))},
     "student only top-k": dict(case="student only top-k", direction="reverse"),
-    "student bf16": dict(dtype=torch.bfloat16), "student fp16 T=1": dict(dtype=torch.float16, t=1.0),
+    "student bf16": dict(dtype=torch.bfloat16),
+    "student fp16 T=1": dict(dtype=torch.float16, t=1.0),
     "log-probs bf16": dict(ldtype=torch.bfloat16), "log-probs fp16 renormalize":
         dict(ldtype=torch.float16, mode="renormalize", direction="reverse"),
     "layout 3d": dict(layout="3d", n=4), "layout shifted": dict(layout="shifted", n=5),
@@ -188,7 +190,8 @@ def test_hrm_loss_topk_rest_is_below_the_full_kl(backend):
     # The rest bucket merges outcomes, so its KL never exceeds the full KL (data processing).
     z, u = torch.randn(16, 300, device=DEVICE) * 2, torch.randn(16, 300, device=DEVICE) * 2
     y = torch.randint(0, 300, (16,), device=DEVICE)
-    full = fused_hrm_loss(z, u, y, 1.0, reduction="none", return_components=True, backend=backend).kl
+    full = fused_hrm_loss(z, u, y, 1.0, reduction="none", return_components=True,
+                          backend=backend).kl
     for k in (1, 10, 100):
         lp, idx = torch.log_softmax(u, -1).topk(k, -1)
         kl = fused_hrm_loss(z, labels=y, hrm=1.0, teacher_topk=(idx, lp), reduction="none",
@@ -263,7 +266,8 @@ def test_hrm_loss_topk_ids_out_of_range():
         # never read out of bounds: the token's KL is NaN, the others are exact
         out = fused_hrm_loss(z, labels=y, hrm=0.5, teacher_topk=(idx, lp), backend=backend,
                              reduction="none", return_components=True)
-        assert torch.isnan(out.kl[1:]).all() and torch.isfinite(out.kl[0]) and torch.isfinite(out.ce).all()
+        assert (torch.isnan(out.kl[1:]).all() and torch.isfinite(out.kl[0])
+                and torch.isfinite(out.ce).all())
 
 
 BAD = [
@@ -273,15 +277,18 @@ BAD = [
     (dict(hrm=None), TypeError, "missing hrm"),
     (dict(teacher_topk=torch.zeros(4, 3)), TypeError, "teacher_topk must be a pair"),
     (dict(teacher_topk=(torch.zeros(4, 3), torch.zeros(4, 3))), TypeError, "indices must be int64"),
-    (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long),) * 2), TypeError, "logprobs must be float"),
+    (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long),) * 2), TypeError,
+     "logprobs must be float"),
     (dict(teacher_topk=(torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, 3))), ValueError,
      "indices must have shape (4, 'k')"),
-    (dict(teacher_topk=(torch.zeros(4, 0, dtype=torch.long), torch.zeros(4, 0))), ValueError, "k >= 1"),
+    (dict(teacher_topk=(torch.zeros(4, 0, dtype=torch.long), torch.zeros(4, 0))), ValueError,
+     "k >= 1"),
     (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2))), ValueError,
      "logprobs must have the indices' shape"),
     (dict(teacher_topk=(torch.zeros(4, 11, dtype=torch.long), torch.zeros(4, 11))), ValueError,
      "k=11 entries per token but the student's vocabulary has only V=10"),
-    (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3, requires_grad=True))),
+    (dict(teacher_topk=(torch.zeros(4, 3, dtype=torch.long),
+                        torch.zeros(4, 3, requires_grad=True))),
      ValueError, "pass logprobs.detach()"),
     (dict(topk_mode="ghost"), ValueError, "topk_mode must be one of"),
 ]
@@ -317,18 +324,21 @@ def test_fused_hrm_loss_module_takes_a_topk_teacher():
         module(z, labels=y, teacher_topk=(idx, lp), num_items_in_batch=9),
         fused_hrm_loss(z, labels=y, hrm=0.5, teacher_topk=(idx, lp), topk_mode="renormalize",
                        kl_direction="reverse", num_items_in_batch=9))
-    torch.testing.assert_close(module(z, u, y), hrm_loss_reference(z, u, y, 0.5, kl_direction="reverse"))
+    torch.testing.assert_close(module(z, u, y),
+                               hrm_loss_reference(z, u, y, 0.5, kl_direction="reverse"))
     with pytest.raises(ValueError, match="topk_mode"):
         FusedHRMLoss(0.5, topk_mode="bucket")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries(dict(
     n=st.integers(1, 6), v=st.integers(1, 300), k=st.integers(1, 40),
     layout=st.sampled_from(["2d", "3d", "shifted"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    mode=st.sampled_from(["rest", "renormalize"]), direction=st.sampled_from(["forward", "reverse"]),
+    mode=st.sampled_from(["rest", "renormalize"]),
+    direction=st.sampled_from(["forward", "reverse"]),
     t=st.sampled_from([0.5, 1.0, 3.0]), eps=st.sampled_from([0.0, 0.1]),
     hrm=st.sampled_from([0.0, 0.5, 10.0]), ignore=st.sampled_from(["all", "none", "some"]),
     reduction=st.sampled_from(["mean", "sum", "none"]), scale=st.sampled_from([0.1, 3.0, 30.0]),
