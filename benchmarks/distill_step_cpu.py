@@ -239,7 +239,7 @@ def child(name, n_tokens, rows, repeats, chunk_rows):
 def _versions():
     import importlib.metadata as md
     out = {}
-    for pkg in ("torch", "transformers", "liger-kernel", "torchtune", "torchao", "trl"):
+    for pkg in ("torch", "triton", "transformers", "liger-kernel", "torchtune", "torchao", "trl"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -346,7 +346,9 @@ def main(argv=None):
         return None
 
     date = datetime.datetime.now(datetime.timezone.utc)
-    result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "device": "cpu",
+    # "gpu" names the device as benchmarks/run.py does (no GPU here: the CPU and its cores)
+    result = {"machine": {"gpu": f"cpu ({_cpu_name()}, {os.cpu_count()} cores)",
+                          "cpu": _cpu_name(), "cores": os.cpu_count(), "device": "cpu",
                           "python": platform.python_version(), **_versions()},
               "commit": _git("rev-parse", "HEAD"),
               "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
