@@ -128,6 +128,16 @@ struct FwdJob {
   StageFn<F> stage_z, stage_u;
   F *loss, *ce, *div, *entropy, *stats;
   int64_t V;
+
+  // Block c0 (n elements) of the rows zr, ur staged as F, and where the next block starts.
+  struct Block {
+    const F *z, *u;
+    Ahead ahead;
+  };
+  Block block(const char* zr, const char* ur, int64_t c0, int64_t n, F* zbuf, F* ubuf) const {
+    return {stage_z(zr + c0 * z.elem, n, zbuf), stage_u(ur + c0 * u.elem, n, ubuf),
+            Ahead{zr + (c0 + kBlock) * z.elem, ur + (c0 + kBlock) * u.elem, z.elem, u.elem}};
+  }
 };
 
 template <class F, Div kDiv, bool kUnitT>
@@ -143,10 +153,7 @@ void fwd_row(const FwdJob<F>& job, int64_t r, F* zbuf, F* ubuf) {
   FwdState<F> st = FwdState<F>::identity();
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int64_t n = std::min(kBlock, V - c0), nv = n - n % W;
-    const F* zb = job.stage_z(zr + c0 * job.z.elem, n, zbuf);
-    const F* ub = job.stage_u(ur + c0 * job.u.elem, n, ubuf);
-    const Ahead ahead{zr + (c0 + kBlock) * job.z.elem, ur + (c0 + kBlock) * job.u.elem,
-                      job.z.elem, job.u.elem};
+    const auto [zb, ub, ahead] = job.block(zr, ur, c0, n, zbuf, ubuf);
     fold_block<F, kDiv, kUnitT>(st, zb, ub, nv, job.p, ahead);
     fold_scalar(st, zb + nv, ub + nv, n - nv, job.p);
   }
@@ -159,10 +166,7 @@ void fwd_row(const FwdJob<F>& job, int64_t r, F* zbuf, F* ubuf) {
     F sp = 0, sq = 0;
     for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
       const int64_t n = std::min(kBlock, V - c0), nv = n - n % W;
-      const F* zb = job.stage_z(zr + c0 * job.z.elem, n, zbuf);
-      const F* ub = job.stage_u(ur + c0 * job.u.elem, n, ubuf);
-      const Ahead ahead{zr + (c0 + kBlock) * job.z.elem, ur + (c0 + kBlock) * job.u.elem,
-                        job.z.elem, job.u.elem};
+      const auto [zb, ub, ahead] = job.block(zr, ur, c0, n, zbuf, ubuf);
       jsd_block(zb, ub, nv, j, tp, tq, ahead);
       for (int64_t i = nv; i < n; ++i) {
         F a, b;

@@ -43,25 +43,33 @@ cudaStream_t current_stream(const at::Tensor& z) {
   return c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
 }
 
+// The input fields HrmLossFwdArgs and HrmLossBwdArgs share: the (B, S, V) row views of z and
+// u, and the labels (int32 or int64, any stride).
+template <class Args>
+void set_input_args(Args& args, const at::Tensor& z, const at::Tensor& u,
+                    const at::Tensor& labels) {
+  args.z = rows_view(z);
+  args.u = rows_view(u);
+  args.labels = labels.data_ptr();
+  args.labels_stride = labels.stride(0);
+  args.labels_int64 = labels.scalar_type() == at::kLong;
+  args.B = z.size(0);
+  args.S = z.size(1);
+  args.V = z.size(2);
+}
+
 // The forward's outputs (float32) and the launcher arguments that point at them.
 FwdOutputs forward_args(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
                         const HrmLossOptions& opt, HrmLossFwdArgs& args) {
   FwdOutputs out = empty_outputs(z, u, labels.size(0));
   const auto& [loss, ce, div, entropy, stats] = out;
   args = HrmLossFwdArgs{};
-  args.z = rows_view(z);
-  args.u = rows_view(u);
-  args.labels = labels.data_ptr();
-  args.labels_stride = labels.stride(0);
-  args.labels_int64 = labels.scalar_type() == at::kLong;
+  set_input_args(args, z, u, labels);
   args.loss = loss.data_ptr<float>();
   args.ce = ce.data_ptr<float>();
   args.div = div.data_ptr<float>();
   args.entropy = entropy.data_ptr<float>();
   args.stats = stats.data_ptr<float>();
-  args.B = z.size(0);
-  args.S = z.size(1);
-  args.V = z.size(2);
   args.opt = opt;
   return out;
 }
@@ -103,16 +111,9 @@ void hrm_loss_bwd_cuda(const at::Tensor& z, const at::Tensor& u, const at::Tenso
   if (labels.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());
   HrmLossBwdArgs args{};
-  args.z = rows_view(z);
-  args.u = rows_view(u);
-  args.labels = labels.data_ptr();
-  args.labels_stride = labels.stride(0);
-  args.labels_int64 = labels.scalar_type() == at::kLong;
+  set_input_args(args, z, u, labels);
   args.stats = stats.data_ptr<float>();
   set_grad_args(args, grad, dz, du);
-  args.B = z.size(0);
-  args.S = z.size(1);
-  args.V = z.size(2);
   args.opt = options(hrm, temperature, label_smoothing, ignore_index, beta);
   check_launch(hrm_loss_bwd_launch(args, current_stream(z)), "hrm_loss_bwd");
 }
