@@ -29,7 +29,7 @@ import torch
 import triton
 
 from hrmkernels import fused_hrm_loss
-from hrmkernels.linear import fused_linear_hrm_loss
+from hrmkernels.api.linear_hrm_loss import fused_linear_hrm_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"

@@ -1,8 +1,8 @@
 """hrmkernels: fused GPU kernels for distillation losses, CE + hrm * KL in one pass."""
 from hrmkernels.backends import available_backends
-from hrmkernels.functional import HRMLoss, fused_hrm_loss
-from hrmkernels.linear import FusedLinearHRMLoss, fused_linear_hrm_loss
-from hrmkernels.modules import FusedHRMLoss
+from hrmkernels.api.hrm_loss import FusedHRMLoss, fused_hrm_loss
+from hrmkernels.api.linear_hrm_loss import FusedLinearHRMLoss, fused_linear_hrm_loss
+from hrmkernels.api.reduction import HRMLoss
 
 __version__ = "0.1.0"
 __all__ = ["FusedHRMLoss", "FusedLinearHRMLoss", "HRMLoss", "available_backends",

@@ -37,12 +37,13 @@ def _why_unavailable(name, device, topk=False, build=True):
         return (f"the {name.upper()} kernels have no top-k teacher path (backend='triton' or "
                 "'torch' has one)")
     if name == "triton":
-        module, why = _triton_module()
+        _, why = _triton_module()
         if why:
             return why
         if device.type == "cuda":
             return None if torch.cuda.is_available() else "torch sees no CUDA device"
-        if device.type == "cpu" and module.INTERPRETED:
+        from hrmkernels.kernels.triton.common import INTERPRETED
+        if device.type == "cpu" and INTERPRETED:
             return None
         return (f"Triton kernels need a CUDA device, not {device.type} (on CPU they run only under "
                 "TRITON_INTERPRET=1, set before hrmkernels is imported)")

@@ -30,30 +30,9 @@ import math
 
 import torch
 
-from typing import NamedTuple
-
 from hrmkernels._checks import (check_num_items, check_options, check_teacher_topk,
                                 check_tensors, divergence_beta)
-
-
-class _Parts(NamedTuple):
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor
-
-
-class HRMLoss(_Parts):
-    """What ``return_components=True`` returns: the loss and its detached parts.
-
-    Unpacks as ``loss, ce, kl`` (``kl`` is the divergence term: KL, or the JSD with
-    ``jsd_beta``); ``entropy`` (an attribute, not unpacked) is the student's entropy
-    ``-sum q log q`` of ``q = softmax(z / T)``, detached and reduced like ``ce`` and ``kl``.
-    """
-
-    def __new__(cls, loss, ce, kl, entropy=None):
-        self = super().__new__(cls, loss, ce, kl)
-        self.entropy = entropy
-        return self
+from hrmkernels.api.reduction import HRMLoss, mean_denominator
 
 
 def _compute_dtype(*tensors):
@@ -100,18 +79,6 @@ def _divergence(log_p, log_q, beta):
 def _entropy(log_q):
     q = log_q.exp()
     return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
-
-
-def mean_denominator(labels, ignore_index, num_items_in_batch):
-    """The denominator of reduction="mean", a 0-d device tensor never read on the host: max(n, 1)
-    for the n non-ignored tokens, or max(num_items_in_batch, 1). A num_items_in_batch below n
-    cannot count the tokens it covers (it would scale the loss up, or make 0 a sum): NaN then."""
-    n = (labels != ignore_index).sum()
-    if num_items_in_batch is None:
-        return n.clamp_min(1)
-    count = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
-             else max(int(num_items_in_batch), 1))
-    return torch.where(n > num_items_in_batch, float("nan"), count)
 
 
 def _finish(ce, kl, entropy, hrm, keep, labels, ignore_index, reduction, num_items_in_batch,

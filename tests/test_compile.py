@@ -194,7 +194,7 @@ def test_training_step_is_captured_in_a_cuda_graph(backend):
     # The check the GPU session runs: a step with a dense (and, where the backend has one, a
     # top-k) teacher captured in a CUDA graph, replayed on new data, equal to eager steps.
     _gpu_backend(backend)
-    from hrmkernels.gpucheck_checks import graph_check
+    from benchmarks.gpucheck_checks import graph_check
     graph_check(backend, torch.device("cuda"))
 
 

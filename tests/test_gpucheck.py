@@ -1,4 +1,4 @@
-"""python -m hrmkernels.gpucheck: its dry run end to end, its time budget, its verdicts.
+"""python -m benchmarks.gpucheck: its dry run end to end, its time budget, its verdicts.
 
 The dry run runs in a subprocess (TRITON_INTERPRET must be set before triton is imported) and
 every check it can run on CPU must pass; the GPU-only stages must say why they were skipped.
@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hrmkernels import available_backends, gpucheck
-from hrmkernels import gpucheck_checks as checks
+from benchmarks import gpucheck
+from benchmarks import gpucheck_checks as checks
+from hrmkernels import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_ONLY = ("extension", "cuda_graph", "sanitizer")
@@ -24,7 +25,7 @@ GPU_ONLY = ("extension", "cuda_graph", "sanitizer")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpucheck")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "hrmkernels.gpucheck", str(out), "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpucheck", str(out), "--dry-run",
                            "--commit", "abc123"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     return proc, out

@@ -14,7 +14,7 @@ import torch
 
 from hrmkernels import available_backends, fused_hrm_loss
 from hrmkernels.kernels import pytorch as torch_impl
-from hrmkernels.kernels.triton import hrm_loss as triton_kernels
+from hrmkernels.kernels.triton import common as triton_common
 from hrmkernels.reference import hrm_loss_reference
 
 from conftest import DEVICE
@@ -174,8 +174,8 @@ def test_hrm_loss_matches_reference(backend, case):
 def test_hrm_loss_multi_block_and_chunk_paths(backend, monkeypatch):
     # Force several vocabulary blocks (Triton) and several row chunks (torch) at small sizes, with
     # the first blocks fully masked: the online log-sum-exp must start from a -inf running max.
-    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 128)   # on a GPU
-    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 128)
+    monkeypatch.setattr(triton_common, "MAX_BLOCK_V", 128)   # on a GPU
+    monkeypatch.setattr(triton_common, "INTERPRETER_BLOCK_V", 128)
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 2000)
     for masked in (None, "leading"):
         check(backend, v=1000, n=7, layout="3d", masked=masked, teacher_grad=True)

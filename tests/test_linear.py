@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hrmkernels import available_backends, fused_hrm_loss
-from hrmkernels.linear import FusedLinearHRMLoss, fused_linear_hrm_loss
-from hrmkernels.linear_autograd import chunk_rows
+from hrmkernels.api.linear_hrm_loss import FusedLinearHRMLoss, fused_linear_hrm_loss
+from hrmkernels.autograd.linear_hrm_loss import chunk_rows
 from hrmkernels.reference import hrm_loss_reference
 
 from conftest import DEVICE, requires_cuda

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hrmkernels import FusedHRMLoss, available_backends, fused_hrm_loss
 from hrmkernels.kernels import pytorch as torch_impl
-from hrmkernels.kernels.triton import hrm_loss as triton_kernels
+from hrmkernels.kernels.triton import common as triton_common
 from hrmkernels.kernels.triton import topk as topk_kernels
 from hrmkernels.reference import hrm_loss_reference, hrm_loss_topk_reference
 
@@ -154,8 +154,8 @@ def test_hrm_loss_topk_matches_reference(backend, case):
 def test_hrm_loss_topk_multi_block_and_chunk_paths(backend, monkeypatch):
     # Several vocabulary blocks (Triton) and row chunks (torch): the sorted ids' runs per block,
     # a block holding many of them, and blocks holding none.
-    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)   # on a GPU
-    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 64)
+    monkeypatch.setattr(triton_common, "MAX_BLOCK_V", 64)   # on a GPU
+    monkeypatch.setattr(triton_common, "INTERPRETER_BLOCK_V", 64)
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 2000)
     for mode in ("rest", "renormalize"):
         for direction in ("forward", "reverse"):
@@ -243,8 +243,8 @@ def test_hrm_loss_topk_k_in_steps(mode, direction, monkeypatch):
     # survives the fold across steps; in place, that the backward's top-k values come from the
     # registers, not from the already overwritten logits.
     monkeypatch.setattr(topk_kernels, "MAX_BLOCK_K", 16)
-    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 64)   # on a GPU
-    monkeypatch.setattr(triton_kernels, "INTERPRETER_BLOCK_V", 64)
+    monkeypatch.setattr(triton_common, "MAX_BLOCK_V", 64)   # on a GPU
+    monkeypatch.setattr(triton_common, "INTERPRETER_BLOCK_V", 64)
     divergence = dict(jsd=0.4) if direction == "jsd" else dict(direction=direction)
     for case in (None, "clustered teacher", "peaked teacher"):
         check("triton", v=500, k=40, n=4, layout="shifted", mode=mode, case=case, **divergence)

@@ -57,7 +57,7 @@ import torch
 from transformers import Trainer
 
 from hrmkernels import fused_linear_hrm_loss
-from hrmkernels.modules import FusedHRMLoss
+from hrmkernels.api.hrm_loss import FusedHRMLoss
 
 TOPK_KEYS = ("teacher_topk_indices", "teacher_topk_logprobs")
 # Multipliers of the final logits, in the order TRL 1.16 looks for them (Cohere, Muse, Falcon-H1);

@@ -38,7 +38,7 @@ from trl.trainer import distillation_trainer as _trl_distillation
 
 from hrmkernels import fused_linear_hrm_loss
 from hrmkernels.integrations.hf import hrm_distillation_loss
-from hrmkernels.modules import FusedHRMLoss
+from hrmkernels.api.hrm_loss import FusedHRMLoss
 
 if not hasattr(_trl_distillation, "_chunked_divergence_loss"):   # the hook moved: not 1.16
     raise ImportError("hrmkernels.integrations.trl hooks trl 1.16's _chunked_divergence_loss, "

@@ -58,115 +58,16 @@ one pass, as for the KL; the forward saves (lse_z, lse_a, lse_b, KL(q || m), KL(
 Bytes per element, bf16: forward reads z and u twice (8 B), backward reads them once and
 writes dz (6 B; 8 B with du): 14 B forward + backward, against 10 B for the KL.
 """
-import contextlib
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Widest vocabulary block a program loads at once. On a GPU, MAX_BLOCK_V 2-byte logits: 32 bytes
-# of each input per thread of 8 warps (wider fp32 blocks spill on sm_86), so half as many
-# fp32 and a quarter as many fp64 logits. The interpreter pays per operation, not per
-# element, so it runs fastest with wide blocks (16384 still splits V=32003 into several).
-MAX_BLOCK_V = 4096
-INTERPRETER_BLOCK_V = 16384
-
-
-@triton.jit
-def _online_lse(m, s, x):
-    """Fold block x into the running (max m, sum s = sum exp(x - m)).
-
-    Returns the new m and s, exp(x - m_new) for the block, and the factor exp(m - m_new) that
-    rescales any other sum carried against the same max.
-    """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe)
-    return m_new, s * alpha + tl.sum(e, axis=0), e, alpha
-
-
-@triton.jit
-def _online_lse_h(m, s, h, x):
-    """_online_lse that also carries h = sum exp(x - m) (x - m), for the entropy log s - h / s.
-
-    On a new max, h relative to m_old becomes alpha (h + s (m_old - m_new)) relative to m_new;
-    the relative form keeps H accurate where lse(x) - E[x] would cancel (|x| ~ 1e4).
-    """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe)
-    shift = tl.where(s > 0.0, s * (m - m_safe), 0.0)     # s == 0 while m is -inf
-    h = alpha * (h + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_safe), 0.0), axis=0)
-    return m_new, s * alpha + tl.sum(e, axis=0), h, e, alpha
-
-
-@triton.jit
-def _log_mix(lp, lq, log_beta, log_1m_beta):
-    """lm = log(beta e^lp + (1 - beta) e^lq) = hi + log(1 + e^(lo - hi)), hi, lo the larger and
-    smaller of lp + log beta and lq + log(1 - beta): finite wherever lp or lq is (also below
-    -104, where p and q underflow), -inf where both are -inf (hi replaced by 0 in the exp)."""
-    x = lp + log_beta
-    w = lq + log_1m_beta
-    hi = tl.maximum(x, w)
-    lo = tl.minimum(x, w)
-    return hi + tl.log(1.0 + tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi)))
-
-
-@triton.jit
-def _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta, log_1m_beta,
-                      REVERSE: tl.constexpr, JSD: tl.constexpr):
-    """(G_z, G_u): T / hrm times the divergence's gradient in z and u, element by element, from
-    a = z/T, b = u/T, q, p and the row's statistics (s3 = mu or KL(q || m), s4 = KL(p || m)).
-    A zero probability contributes 0, never 0 * inf."""
-    if JSD:       # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
-        lq = a - lse_a
-        lp = b - lse_b
-        lm = _log_mix(lp, lq, log_beta, log_1m_beta)
-        g_z = (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
-        g_u = beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
-    elif REVERSE:   # log q - log p - KL = (a - b) - mu, s3 = mu = E_q[a - b]
-        g_z = tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
-        g_u = p - q
-    else:           # log p - log q - KL = (b - a) - mu, s3 = mu = E_p[b - a]
-        g_z = q - p
-        g_u = tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
-    return g_z, g_u
-
-
-@triton.jit
-def _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, N_STATS: tl.constexpr):
-    """An ignored token: loss, CE, KL, entropy and the saved statistics of its row are zeros."""
-    tl.store(loss_ptr + row, 0.0)
-    tl.store(ce_ptr + row, 0.0)
-    tl.store(kl_ptr + row, 0.0)
-    tl.store(ent_ptr + row, 0.0)
-    for i in tl.static_range(N_STATS):
-        tl.store(stats_ptr + N_STATS * row + i, 0.0)
-
-
-@triton.jit
-def _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr, ce_ptr, kl_ptr,
-                   SMOOTH: tl.constexpr):
-    """CE = lse_z - (1 - eps) z_y - eps * sum_z / V; store CE + hrm * KL, CE and KL of one row."""
-    # A label outside [0, V) is never dereferenced: its CE is NaN instead.
-    valid = (y >= 0) & (y < V)
-    z_y = tl.where(valid, tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32), float("nan"))
-    ce = lse_z - z_y
-    if SMOOTH:
-        ce = lse_z - (1.0 - eps) * z_y - eps * sum_z / V
-    loss = ce
-    if hrm > 0.0:   # hrm == 0 drops the KL term exactly, even where KL is infinite
-        loss = ce + hrm * kl
-    tl.store(loss_ptr, loss)
-    tl.store(ce_ptr, ce)
-    tl.store(kl_ptr, kl)
+from hrmkernels.kernels.triton.common import (MAXNREG_8_WARPS, block_v, custom_triton_op,
+                                              device_of, divergence_args, divergence_grads,
+                                              log_mix, no_output, online_lse, online_lse_h,
+                                              store_ce_loss, store_ignored_row)
 
 
 @triton.jit
@@ -189,7 +90,7 @@ def _hrm_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 5)
+        store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 5)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
@@ -206,13 +107,13 @@ def _hrm_loss_fwd_kernel(
         b = tl.load(u_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         if UNIT_T:
             a = z
-            m_z, s_z, h, e_z, alpha_z = _online_lse_h(m_z, s_z, h, z)
+            m_z, s_z, h, e_z, alpha_z = online_lse_h(m_z, s_z, h, z)
             m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
         else:
             a = z * inv_t
-            m_z, s_z, e_z, alpha_z = _online_lse(m_z, s_z, z)
-            m_a, s_a, h, e_a, alpha_a = _online_lse_h(m_a, s_a, h, a)
-        m_b, s_b, e_b, alpha_b = _online_lse(m_b, s_b, b)
+            m_z, s_z, e_z, alpha_z = online_lse(m_z, s_z, z)
+            m_a, s_a, h, e_a, alpha_a = online_lse_h(m_a, s_a, h, a)
+        m_b, s_b, e_b, alpha_b = online_lse(m_b, s_b, b)
         if REVERSE and not JSD:
             t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
         elif not JSD:
@@ -232,7 +133,7 @@ def _hrm_loss_fwd_kernel(
             lq = lq - lse_a
             lp = tl.load(u_row + v0 + cols, mask=mask,
                          other=float("-inf")).to(tl.float32) * inv_t - lse_b
-            lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+            lm = log_mix(lp, lq, log_beta, log_1m_beta)
             q = tl.exp(lq)
             p = tl.exp(lp)
             s3 += tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=0)
@@ -246,7 +147,7 @@ def _hrm_loss_fwd_kernel(
         kl = s3 + lse_a - lse_b
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true D >= 0; NaN passes through
 
-    _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
+    store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
     tl.store(ent_ptr + row, tl.log(s_a) - h / s_a)
     tl.store(stats_ptr + 5 * row, lse_z)
@@ -304,7 +205,7 @@ def _hrm_loss_bwd_kernel(
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
         s4 = tl.load(stats_ptr + 5 * row + 4)
-        g_z, g_u = _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
+        g_z, g_u = divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
                                      log_1m_beta, REVERSE, JSD)
         dz += hrm * inv_t * g_z
         du = hrm * inv_t * g_u
@@ -317,74 +218,10 @@ def _hrm_loss_bwd_kernel(
              mask=mask)
 
 
-# ptxas, left to itself under `.reqntid 256`, aims at an occupancy that it reaches by parking a
-# few values in local memory: 8-24 B of spills in the forward kernels, depending on the flags,
-# the target and the Triton version (tests/test_triton_aot.py). `maxnreg` lifts its register
-# target; 128 keeps two blocks of 8 warps per SM, ample for a kernel that streams rows.
-MAXNREG_8_WARPS = 128
-
-
-def _block_v(v, device, itemsize):
-    """Vocabulary block for rows of V logits of `itemsize` bytes (the widest input) on device."""
-    cap = INTERPRETER_BLOCK_V if launch_target(device) is None else MAX_BLOCK_V * 2 // itemsize
-    # int(): under torch.compile's dynamic shapes V is a SymInt; the block size specialises on it
-    return min(triton.next_power_of_2(int(v)), max(cap, 1))
-
-
-def launch_target(device):
-    """The GPU the launchers choose tiles for: its compute capability as Triton names targets
-    (80, 86, 90, ...), or None under the interpreter. tests/test_triton_aot.py answers it with
-    each target it compiles for."""
-    if INTERPRETED or device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _device_of(x):
-    # Triton launches on the current CUDA device: make it x's (multi-GPU processes).
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-# Custom ops. On a GPU they are torch.library.triton_op: torch.compile sees through them to the
-# kernels (Inductor launches them itself, also inside CUDA graphs), and FakeTensor tracing runs
-# their bodies with fake tensors, which is why a body only allocates and launches. Python
-# numbers are schema arguments (float/int/bool). The backward writes dz (and du) in place, as
-# the CUDA op's schema "Tensor(a!) dz, Tensor(b!)? du" does.
-
-def custom_triton_op(name, mutates_args, fake):
-    """Register fn as the op `name`: a triton_op, or under TRITON_INTERPRET=1 an opaque custom_op.
-
-    The interpreter's kernels are plain Python that FakeTensor tracing cannot see through
-    (wrap_triton returns them unwrapped), so there the op is opaque and `fake` gives its shapes.
-    """
-    def register(fn):
-        if not INTERPRETED:
-            return torch.library.triton_op(name, fn, mutates_args=mutates_args)
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        op.register_fake(fake)
-        return op
-    return register
-
-
 def _fwd_fake(z, u, labels, *options):
     n = labels.shape[0]
     return (*(z.new_empty(n, dtype=torch.float32) for _ in range(4)),
             z.new_empty((n, 5), dtype=torch.float32))
-
-
-def _no_output(*args):
-    return None
-
-
-def divergence_args(beta, used=True):
-    """The kernels' JSD scalars (beta, log beta, log(1 - beta)) and flags REVERSE, JSD: beta = 0
-    and 1 take the one-pass KL kernels (the scalars are then unused). A launch without the
-    divergence term (used False: hrm == 0 in a backward) gets the forward KL's flags, whatever
-    beta: one compiled specialisation instead of three identical ones."""
-    jsd = used and 0.0 < beta < 1.0
-    logs = (math.log(beta), math.log1p(-beta)) if jsd else (0.0, 0.0)
-    return (beta, *logs), dict(REVERSE=used and beta == 1.0, JSD=jsd)
 
 
 @custom_triton_op("hrmkernels::hrm_loss_fwd_triton", (), _fwd_fake)
@@ -396,29 +233,29 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
     stats = torch.empty(n, 5, dtype=torch.float32, device=z.device)
     scalars, flags = divergence_args(beta)
     if n:
-        with _device_of(z):
+        with device_of(z):
             wrap_triton(_hrm_loss_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
                 loss, ce, kl, ent, stats, z.shape[1], v, hrm, 1.0 / temperature,
                 label_smoothing, ignore_index, *scalars, SMOOTH=label_smoothing > 0,
                 UNIT_T=temperature == 1.0,
-                BLOCK_V=_block_v(v, z.device, max(z.element_size(), u.element_size())),
+                BLOCK_V=block_v(v, z.device, max(z.element_size(), u.element_size())),
                 num_warps=8, maxnreg=MAXNREG_8_WARPS, **flags)
     return loss, ce, kl, ent, stats
 
 
-@custom_triton_op("hrmkernels::hrm_loss_bwd_triton", ("dz", "du"), _no_output)
+@custom_triton_op("hrmkernels::hrm_loss_bwd_triton", ("dz", "du"), no_output)
 def _hrm_loss_bwd_op(z: Tensor, u: Tensor, labels: Tensor, stats: Tensor, grad: Tensor,
                      hrm: float, temperature: float, label_smoothing: float, ignore_index: int,
                      beta: float, dz: Tensor, du: Tensor | None) -> None:
     n, v = labels.shape[0], z.shape[-1]
     if not n:
         return
-    block = _block_v(v, z.device, max(z.element_size(), u.element_size()))
+    block = block_v(v, z.device, max(z.element_size(), u.element_size()))
     write_du = du is not None
     du = du if write_du else dz
     scalars, flags = divergence_args(beta, hrm > 0)
-    with _device_of(z):
+    with device_of(z):
         wrap_triton(_hrm_loss_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels, stats,
             grad, grad.stride(0), dz, dz.stride(0), dz.stride(1), du, du.stride(0), du.stride(1),

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hrmkernels.kernels.triton.hrm_loss import (_device_of, _divergence_grads, _log_mix,
-                                                divergence_args, launch_target)
+from hrmkernels.kernels.triton.common import (device_of, divergence_args, divergence_grads,
+                                              launch_target, log_mix)
 
 
 # Launch configurations (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel and kind
@@ -161,7 +161,7 @@ def _teacher_tile(xt_ptr, xt_stride, wt_ptr, wt_stride, bt_ptr, u_ptr, u_stride,
 
 @triton.jit
 def _online_lse_rows(m, s, x):
-    """_online_lse of hrm_loss.py for a (rows, cols) tile: fold x into per-row (m, s)."""
+    """online_lse of common.py for a (rows, cols) tile: fold x into per-row (m, s)."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
@@ -172,7 +172,7 @@ def _online_lse_rows(m, s, x):
 @triton.jit
 def _online_lse_rows_h(m, s, h, x):
     """_online_lse_rows that also carries h = sum exp(x - m) (x - m) per row, for the entropy
-    (hrm_loss.py's _online_lse_h)."""
+    (common.py's online_lse_h)."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
@@ -309,7 +309,7 @@ def _linear_hrm_loss_jsd_kernel(
                           HAS_BT, T_CAP, DOT_F32_T, PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         lq = tl.where(col_mask[None, :], z * inv_t, float("-inf")) - lse_a
         lp = tl.where(col_mask[None, :], u * inv_t, float("-inf")) - lse_b
-        lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+        lm = log_mix(lp, lq, log_beta, log_1m_beta)
         q = tl.exp(lq)
         p = tl.exp(lp)
         kl_qm += tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=1)
@@ -337,7 +337,7 @@ def merge_partials(part, labels, v, label_smoothing, reverse, with_kl):
     (m_z, r_z, s_z), (m_a, r_a, s_a), (m_b, r_b, s_b) = (
         _merge_lse(part[..., i], part[..., i + 1]) for i in (0, 2, 4))
     lse = torch.stack([m + s.log() for m, s in ((m_z, s_z), (m_a, s_a), (m_b, s_b))], 1)
-    # h relative to each range's max, moved to the common one as _online_lse_h does
+    # h relative to each range's max, moved to the common one as online_lse_h does
     shift = part[..., 2] - torch.where(m_a == float("-inf"), 0.0, m_a)
     shift = torch.where(part[..., 3] > 0, part[..., 3] * shift, 0.0)
     entropy = s_a.log() - (r_a * (part[..., 7] + shift)).sum(0) / s_a
@@ -453,7 +453,7 @@ def _linear_hrm_loss_bwd_kernel(
             q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
         s4 = tl.load(stats_ptr + 5 * rows + 4, mask=keep, other=0.0)[:, None]
-        g_z, g_u = _divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
+        g_z, g_u = divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
                                      log_1m_beta, REVERSE, JSD)
         dz += hrm * inv_t * g_z
         du = hrm * inv_t * g_u
@@ -548,7 +548,7 @@ def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, lab
     jsd = divergence["JSD"]
     grid = (triton.cdiv(n, block_n), split)
     if n:
-        with _device_of(xs):
+        with device_of(xs):
             _linear_hrm_loss_fwd_kernel[grid](
                 *args, labels, part, n, v, xs.shape[1], ht, tiles_per_split, 1.0 / temperature,
                 *caps, HAS_KL=with_kl, UNIT_T=temperature == 1.0, SMOOTH=label_smoothing > 0,
@@ -558,7 +558,7 @@ def linear_hrm_loss_fwd(xs, ws, bs, xt, wt, bt, u, labels, hrm, temperature, lab
     if jsd:   # the second sweep, with the merged log-sum-exps
         part = torch.empty(split, n, 2, dtype=torch.float32, device=xs.device)
         if n:
-            with _device_of(xs):
+            with device_of(xs):
                 _linear_hrm_loss_jsd_kernel[grid](
                     *args, stats, part, n, v, xs.shape[1], ht, tiles_per_split,
                     1.0 / temperature, *caps, log_beta, log_1m_beta, **flags)
@@ -595,7 +595,7 @@ def linear_hrm_loss_bwd(xs, ws, bs, xt, wt, bt, u, labels, stats, grad, hrm, tem
     grid = (triton.cdiv(n, flags["BLOCK_N"]), triton.cdiv(v, flags["BLOCK_V"]))
     if n and (s_grads or t_grads):
         dummy = stats
-        with _device_of(xs):
+        with device_of(xs):
             _linear_hrm_loss_bwd_kernel[grid](
                 *args, labels, stats, grad, grad.stride(0),
                 *(a if a is not None else dummy for a in acc),

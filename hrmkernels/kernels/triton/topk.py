@@ -66,9 +66,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hrmkernels.kernels.triton.hrm_loss import (_block_v, _device_of, _log_mix, _online_lse,
-                                                _online_lse_h, _store_ce_loss, _store_ignored_row,
-                                                custom_triton_op, divergence_args)
+from hrmkernels.kernels.triton.common import (block_v, custom_triton_op, device_of,
+                                              divergence_args, log_mix, online_lse,
+                                              online_lse_h, store_ce_loss, store_ignored_row)
 
 # Top-k entries a program holds at once; a larger k is a loop over steps of this many, so the
 # registers a program needs do not grow with k.
@@ -102,7 +102,7 @@ def _bucket_kl(log_w, log_v):
 @triton.jit
 def _jsd_terms(lp, lq, log_beta, log_1m_beta):
     """KL(p || m) and KL(q || m) over a vector of outcomes given by their logs; 0 * log 0 = 0."""
-    lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+    lm = log_mix(lp, lq, log_beta, log_1m_beta)
     p = tl.exp(lp)
     q = tl.exp(lq)
     return (tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), axis=0),
@@ -183,7 +183,7 @@ def _hrm_loss_topk_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)   # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        _store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 4)
+        store_ignored_row(row, loss_ptr, ce_ptr, kl_ptr, ent_ptr, stats_ptr, 4)
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     cols = tl.arange(0, BLOCK_V)
@@ -200,11 +200,11 @@ def _hrm_loss_topk_fwd_kernel(
         z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if UNIT_T:
             a = z
-            m_z, s_z, h, _e_z, _alpha_z = _online_lse_h(m_z, s_z, h, z)
+            m_z, s_z, h, _e_z, _alpha_z = online_lse_h(m_z, s_z, h, z)
         else:
             a = z * inv_t
-            m_z, s_z, _e_z, _alpha_z = _online_lse(m_z, s_z, z)
-            m_a, s_a, h, _e_a, _alpha_a = _online_lse_h(m_a, s_a, h, a)
+            m_z, s_z, _e_z, _alpha_z = online_lse(m_z, s_z, z)
+            m_a, s_a, h, _e_a, _alpha_a = online_lse_h(m_a, s_a, h, a)
         if SMOOTH:
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
         if REST:
@@ -219,7 +219,7 @@ def _hrm_loss_topk_fwd_kernel(
             member = cols < 0
             for j in range(lo, hi):
                 member = member | (cols == tl.load(srt_row + j) - v0)
-            m_r, s_r, _e_r, _alpha_r = _online_lse(m_r, s_r, tl.where(member, float("-inf"), a))
+            m_r, s_r, _e_r, _alpha_r = online_lse(m_r, s_r, tl.where(member, float("-inf"), a))
     lse_z = m_z + tl.log(s_z)
     if UNIT_T:
         entropy = tl.log(s_z) - h / s_z
@@ -249,7 +249,7 @@ def _hrm_loss_topk_fwd_kernel(
         pr = tl.where(K == V, 0.0, pr)    # k = V: nothing is left outside, whatever the rounding
         log_pr = tl.log(pr).to(tl.float32)
         if JSD:   # the rest bucket's terms, with M = beta P + (1 - beta) Q
-            lm_r = _log_mix(log_pr, log_qr, log_beta, log_1m_beta)
+            lm_r = log_mix(log_pr, log_qr, log_beta, log_1m_beta)
             kl_pm += tl.where(log_pr > float("-inf"), tl.exp(log_pr) * (log_pr - lm_r), 0.0)
             kl_qm += tl.where(log_qr > float("-inf"), tl.exp(log_qr) * (log_qr - lm_r), 0.0)
             slot2 = tl.where(log_qr > float("-inf"), log_qr - lm_r, 0.0)
@@ -267,8 +267,8 @@ def _hrm_loss_topk_fwd_kernel(
             kmask, ok, lp, a_top = _topk_chunk(z_row, i_row, l_row, k0, K, V, inv_t, UNIT_T,
                                                BLOCK_K)
             n_bad += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
-            m_s, s_s, _e_s, _alpha_s = _online_lse(m_s, s_s, a_top)
-            m_t, s_t, _e_t, _alpha_t = _online_lse(m_t, s_t, lp)
+            m_s, s_s, _e_s, _alpha_s = online_lse(m_s, s_s, a_top)
+            m_t, s_t, _e_t, _alpha_t = online_lse(m_t, s_t, lp)
         lse_s = m_s + tl.log(s_s)
         slot2 = m_t + tl.log(s_t)                                          # lse_t
         for k0 in range(0, K, BLOCK_K):
@@ -285,7 +285,7 @@ def _hrm_loss_topk_fwd_kernel(
     if JSD:
         slot3 = tl.where(n_bad == 0, kl_qm, float("nan"))
 
-    _store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
+    store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
     tl.store(ent_ptr + row, entropy)
     tl.store(stats_ptr + 4 * row, lse_z)
@@ -360,7 +360,7 @@ def _hrm_loss_topk_bwd_kernel(
             ls = (z_t if UNIT_T else z_t * inv_t) - lse_s
             q_t = tl.exp(ls)
             if JSD:
-                lm = _log_mix(lt, ls, log_beta, log_1m_beta)
+                lm = log_mix(lt, ls, log_beta, log_1m_beta)
                 top = (1.0 - beta) * tl.where(q_t > 0.0, q_t * (ls - lm - kl), 0.0)
             elif REVERSE:
                 top = tl.where(q_t > 0.0, q_t * (ls - lt - kl), 0.0)
@@ -395,13 +395,13 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
         # "rest" sorts the ids (N x k, small) so that each vocabulary block finds its members.
         srt = idx if renormalize else idx.reshape(n, k).sort(-1).values
         scalars, flags = divergence_args(beta)
-        with _device_of(z):
+        with device_of(z):
             wrap_triton(_hrm_loss_topk_fwd_kernel)[(n,)](
                 z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
                 lp, lp.stride(0), lp.stride(1), srt, labels, loss, ce, kl, ent, stats,
                 z.shape[1], v, k, hrm, 1.0 / temperature, label_smoothing, ignore_index,
                 *scalars, REST=not renormalize, SMOOTH=label_smoothing > 0,
-                UNIT_T=temperature == 1.0, BLOCK_V=_block_v(v, z.device, z.element_size()),
+                UNIT_T=temperature == 1.0, BLOCK_V=block_v(v, z.device, z.element_size()),
                 BLOCK_K=_block_k(k),
                 num_warps=4, maxnreg=255,   # else ptxas aims at 128 registers and spills
                 **flags)
@@ -415,9 +415,9 @@ def _hrm_loss_topk_bwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, st
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
     if not n:
         return
-    block = _block_v(v, z.device, z.element_size())
+    block = block_v(v, z.device, z.element_size())
     scalars, flags = divergence_args(beta, hrm > 0)
-    with _device_of(z):
+    with device_of(z):
         wrap_triton(_hrm_loss_topk_bwd_kernel)[(n, triton.cdiv(v, block))](
             z, z.stride(0), z.stride(1), idx, idx.stride(0), idx.stride(1),
             lp, lp.stride(0), lp.stride(1), labels, stats, grad, grad.stride(0),

@@ -12,8 +12,10 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
                                 check_options, divergence_beta)
-from hrmkernels.functional import HRMLoss, mean_denominator, shift_for_next_token
-from hrmkernels.linear_autograd import ChunkedLinearHRMFunction, FusedLinearHRMFunction
+from hrmkernels.api.hrm_loss import shift_for_next_token
+from hrmkernels.api.reduction import HRMLoss, mean_denominator
+from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
+                                                 FusedLinearHRMFunction)
 
 IMPLS = ("chunked", "fused")
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256

@@ -1,4 +1,4 @@
-"""One command for a GPU machine: ``python -m hrmkernels.gpucheck OUTDIR [--commit HASH]``.
+"""One command for a GPU machine: ``python -m benchmarks.gpucheck OUTDIR [--commit HASH]``.
 
 Stages, in order of value, within a wall-clock budget (``--budget-s``, default 480): a stage, a
 check or a benchmark problem that would not fit is recorded as "skipped: time budget"; an error
@@ -13,7 +13,7 @@ in one is recorded and the next one runs.
   cuda_graph   a training step captured in a CUDA graph and replayed, for every backend
   compile      torch.compile(fullgraph=True) of a small model whose loss is FusedHRMLoss
   sanitizer    compute-sanitizer memcheck of a tiny script (a refused device is recorded)
-  benchmark    a compact grid through benchmarks/run.py (source checkouts only), against peers
+  benchmark    a compact grid through benchmarks/run.py, against peers
 
 OUTDIR gets gpucheck.json (rewritten after every check, so a killed run keeps what it did) and
 gpucheck.md. Exit status 1 if any check failed or errored. ``--dry-run`` runs the same stages on
@@ -41,11 +41,11 @@ from types import SimpleNamespace
 
 import torch
 
-import hrmkernels
+from benchmarks import gpucheck_checks as checks
+from benchmarks import providers, run
 from hrmkernels import available_backends
-from hrmkernels import gpucheck_checks as checks
 
-ROOT = Path(hrmkernels.__file__).resolve().parents[1]   # the checkout, when run from one
+ROOT = Path(__file__).resolve().parents[1]   # the checkout this check belongs to
 # Benchmark grid (N, V, T), most telling first: it runs until the budget ends. Peers, all of
 # benchmarks/providers.py: the eager reference (the spec as a user writes it in PyTorch),
 # torch.compile(reference) (what the compiler gives for free), Liger-Kernel's CE + JSD and
@@ -326,21 +326,7 @@ def stage_sanitizer(ctx, stage):
     run_check(ctx, stage, "memcheck", memcheck)
 
 
-def _benchmarks():
-    """(benchmarks.run, benchmarks.providers) of this checkout; Skip where there are none."""
-    if not (ROOT / "benchmarks" / "run.py").is_file():
-        raise Skip(f"hrmkernels is imported from {ROOT / 'hrmkernels'}, not from a source "
-                   "checkout with benchmarks/ beside it")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from benchmarks import providers, run
-    if Path(run.__file__).resolve().parents[1] != ROOT:
-        raise Skip(f"the benchmarks package imported is {run.__file__}, not this checkout's")
-    return run, providers
-
-
 def stage_benchmark(ctx, stage):
-    run, providers = _benchmarks()
     res, estimate = ctx.result, _need(ctx, "problem")
     res.update(hrm=run.HRM, dtype="bfloat16")
     for n, v, t in DRY_BENCH if ctx.dry else BENCH:
@@ -445,7 +431,7 @@ def write(result, outdir):
 
 
 def main(argv=None):
-    """Command-line entry point; see ``python -m hrmkernels.gpucheck --help``."""
+    """Command-line entry point; see ``python -m benchmarks.gpucheck --help``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir", help="where gpucheck.json and gpucheck.md are written")
@@ -459,7 +445,7 @@ def main(argv=None):
         # triton reads TRITON_INTERPRET when it is imported: set it first, or start again.
         os.environ["TRITON_INTERPRET"] = "1"
         if "triton" in sys.modules:
-            os.execv(sys.executable, [sys.executable, "-m", "hrmkernels.gpucheck", *argv])
+            os.execv(sys.executable, [sys.executable, "-m", "benchmarks.gpucheck", *argv])
     if args.dry_run:   # the interpreter also evaluates masked-out lanes (-inf - -inf)
         warnings.filterwarnings("ignore", "(invalid value|overflow) encountered", RuntimeWarning)
     elif not torch.cuda.is_available():
@@ -468,7 +454,7 @@ def main(argv=None):
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = {"tool": "hrmkernels.gpucheck", "argv": argv, "dry_run": args.dry_run,
+    result = {"tool": "benchmarks.gpucheck", "argv": argv, "dry_run": args.dry_run,
               "budget_s": args.budget_s, "status": "running", "seconds": 0.0,
               "provenance": provenance(device, args.commit), "environment": {}, "stages": {},
               # benchmarks/README.md's "Results JSON", filled by the benchmark stage, so that

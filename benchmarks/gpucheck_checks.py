@@ -1,4 +1,4 @@
-"""The checks of ``python -m hrmkernels.gpucheck`` (which runs, times and records them).
+"""The checks of ``python -m benchmarks.gpucheck`` (which runs, times and records them).
 
 - Loss and fused-linear cases against the float64 reference (``CASES``, ``LINEAR_CASES``): a
   problem function draws the inputs and evaluates the reference once; a check function runs one
