@@ -166,12 +166,12 @@ def _longest(insts, lo, hi, inner, trips):
             continue
         inst = insts[i]
         path = path + Counter({inst.op: 1})
-        if inst.target > inst.addr and index[inst.target] <= cold:
+        taken = inst.target >= 0 and not (inst.target > inst.addr and index[inst.target] > cold)
+        if taken and inst.target > inst.addr:
             reach(index[inst.target], path)
-        elif inst.target >= 0 or inst.op == "EXIT":
-            ends.append(path)   # the loop's back edge (one iteration done), an exit, the trap
-        if inst.cond or inst.target < 0 and inst.op != "EXIT" or inst.target > inst.addr and \
-                index[inst.target] > cold:
+        elif taken or inst.op == "EXIT":
+            ends.append(path)   # the loop's back edge (one iteration done), the trap, an EXIT
+        if inst.cond or not taken and inst.op != "EXIT":
             reach(i + 1, path)
         i += 1
     assert ends, "no path through the region"
@@ -196,11 +196,11 @@ def loop_cost(insts, loop=None, trips=()):
 def _width(op):
     """Bits a global memory instruction moves per thread: .128, .64, .U16, F32x4 ...; 32 else."""
     for tok in reversed(op.split(".")):
-        m = re.fullmatch(r"(128|64|[US](?:16|8))|F(?:16|32)x(\d)|BF16x(\d)", tok)
-        if m and m.group(1):
-            return int(m.group(1).lstrip("US"))
+        if re.fullmatch(r"128|64|[US](16|8)", tok):
+            return int(tok.lstrip("US"))
+        m = re.fullmatch(r"B?F(16|32|64)x(\d)", tok)   # a vector atomic: F32x4, BF16x2 ...
         if m:
-            return 32 * int(m.group(2) or m.group(3))
+            return int(m.group(1)) * int(m.group(2))
     return 32
 
 
