@@ -3,7 +3,8 @@
 Each backend module exposes the same two launchers, ``hrm_loss_fwd`` and ``hrm_loss_bwd``
 (their contract: kernels/__init__.py); for top-k teachers, ``hrm_loss_topk_fwd`` and
 ``hrm_loss_topk_bwd``, which the torch and Triton backends have. "cpu" and "cuda" are one
-module, kernels/native.py (the C++ ops dispatch on the tensors' device).
+module, kernels/native.py (the C++ ops dispatch on the tensors' device). The experimental
+fused-linear kernels on logit tiles are chosen here too (resolve_linear_tiles).
 """
 import torch
 
@@ -91,3 +92,13 @@ def resolve(backend, device, topk=False):
     if backend == "torch":
         return pytorch
     return _triton_module(topk)[0] if backend == "triton" else _native_module(device)[0]
+
+
+def resolve_linear_tiles(device):
+    """The Triton kernels of the fused linear loss on logit tiles (kernels/triton/linear.py), for
+    hrmkernels.experimental.tiled_linear_hrm_loss; ValueError where Triton cannot run."""
+    why = _why_unavailable("triton", device)
+    if why:
+        raise ValueError(f"tiled_linear_hrm_loss is not available for {device} tensors: {why}")
+    from hrmkernels.kernels.triton import linear
+    return linear

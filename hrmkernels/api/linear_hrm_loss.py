@@ -1,8 +1,9 @@
 """fused_linear_hrm_loss / FusedLinearHRMLoss: the HRM loss from hidden states and LM heads.
 
 The loss of fused_hrm_loss on the logits ``hidden @ weight.T + bias`` of student and teacher,
-without materialising the N x V logits: impl="chunked" (stage 1) bounds them to a chunk of
-tokens, impl="fused" (stage 2, Triton) keeps them on chip. See linear_autograd.py.
+without materialising the N x V logits: token chunks bound them to a chunk (see
+autograd/linear_hrm_loss.py). hrmkernels.experimental.tiled_linear_hrm_loss runs the same
+loss on logit tiles kept on chip (Triton), which no measurement yet supports.
 """
 import math
 from numbers import Integral, Real
@@ -10,14 +11,13 @@ from numbers import Integral, Real
 import torch
 
 from hrmkernels import backends
-from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
+from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_num_items,
                                 check_options, divergence_beta)
 from hrmkernels.api.hrm_loss import shift_for_next_token
 from hrmkernels.api.reduction import HRMLoss, mean_denominator
 from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
                                                  FusedLinearHRMFunction)
 
-IMPLS = ("chunked", "fused")
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
 
 
@@ -141,22 +141,13 @@ def logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap, 
 
 
 def check_linear_options(impl, chunk_budget_bytes, backend):
-    _choice("impl", impl, IMPLS)
     if chunk_budget_bytes is not None and (isinstance(chunk_budget_bytes, bool) or not isinstance(
             chunk_budget_bytes, Integral) or chunk_budget_bytes <= 0):
         raise ValueError("chunk_budget_bytes must be a positive int or None, "
                          f"got {chunk_budget_bytes!r}")
     if impl == "fused" and backend not in ("auto", "triton"):
-        raise ValueError(f"impl='fused' is the Triton kernel: backend must be 'auto' or 'triton', "
-                         f"got {backend!r}")
-
-
-def _fused_kernels(device):
-    why = backends._why_unavailable("triton", device)
-    if why:
-        raise ValueError(f"impl='fused' is not available for {device} tensors: {why}")
-    from hrmkernels.kernels.triton import linear
-    return linear
+        raise ValueError(f"tiled_linear_hrm_loss is the Triton kernel: backend must be 'auto' or "
+                         f"'triton', got {backend!r}")
 
 
 def _autocast(tensors):
@@ -186,7 +177,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
-                          impl="chunked", chunk_budget_bytes=None):
+                          chunk_budget_bytes=None):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
 
     Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
@@ -214,24 +205,31 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             CE sees the transformed student logits; the divergence sees them divided by T.
             Precomputed ``teacher_logits`` are used as given (the teacher keywords must then
             keep their defaults).
-        backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
-            "cuda", "torch"); impl="fused" takes only "auto" or "triton".
+        backend: the loss launchers called on each chunk ("auto", "triton", "cuda", "cpu",
+            "torch").
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
             since the chunk logits are always overwritten by their gradient.
-        impl: "chunked" (default, any device: torch GEMMs on token chunks with the fused loss
-            launchers) or "fused" (Triton; logit tiles stay on chip, nothing N x V is written).
-            "chunked" stays the default until a GPU benchmark shows "fused" is faster. "fused"
-            is for bf16/fp16 heads, or fp32 at matmul precision "medium" (tf32): fp32 at "high"
-            or "highest" and fp64 heads (multiplied in fp32) run there with small tiles, slowly;
-            "chunked" keeps fp64 and uses cuBLAS.
-        chunk_budget_bytes: upper bound on impl="chunked"'s per-chunk temporaries (default
-            1 GiB). The fp32 weight-gradient accumulator (V x H x 4 bytes) comes on top.
+        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB): the
+            student's fp32 chunk logits (overwritten by their gradient), the teacher's, and
+            the torch GEMMs' operands. The fp32 weight-gradient accumulator (V x H x 4
+            bytes) comes on top.
 
     Gradients reach the student hidden, weight and bias, and the teacher tensors that require
     them. Logits are formed in fp32 (never rounded to bf16, cf. Liger #1432) and the weight
     gradient accumulates in fp32. Under torch.autocast, hidden states, weights and biases are
     cast to autocast's dtype first, as F.linear would. No path synchronises the host.
     """
+    return _linear_hrm_loss("chunked", **locals())
+
+
+def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                     hrm, student_bias, teacher_bias, teacher_logits, temperature, ignore_index,
+                     reduction, label_smoothing, kl_direction, jsd_beta, num_items_in_batch,
+                     shift_labels, student_logit_scale, teacher_logit_scale, student_softcap,
+                     teacher_softcap, backend, return_components, inplace_backward,
+                     chunk_budget_bytes):
+    """fused_linear_hrm_loss with impl "chunked" (token chunks, torch GEMMs, the loss launchers)
+    or "fused" (the Triton kernels of logit tiles on chip: hrmkernels.experimental)."""
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
      teacher_bias) = _autocast([student_hidden, student_weight, student_bias, teacher_hidden,
                                 teacher_weight, teacher_bias])
@@ -278,7 +276,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                                              backends.resolve(backend, device), budget,
                                              grad_enabled)
     else:
-        kernels = _fused_kernels(device)
+        kernels = backends.resolve_linear_tiles(device)
         # The kernels address weights by row stride and biases densely.
         heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
         heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
@@ -306,12 +304,12 @@ class FusedLinearHRMLoss(torch.nn.Module):
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-                 teacher_softcap=None, backend="auto", return_components=False, impl="chunked",
+                 teacher_softcap=None, backend="auto", return_components=False,
                  chunk_budget_bytes=None):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
                       backend, jsd_beta, shift_labels)
-        check_linear_options(impl, chunk_budget_bytes, backend)
+        check_linear_options("chunked", chunk_budget_bytes, backend)
         logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                          teacher_softcap)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
@@ -320,7 +318,7 @@ class FusedLinearHRMLoss(torch.nn.Module):
                             shift_labels=shift_labels, student_logit_scale=student_logit_scale,
                             teacher_logit_scale=teacher_logit_scale,
                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                            backend=backend, return_components=return_components, impl=impl,
+                            backend=backend, return_components=return_components,
                             chunk_budget_bytes=chunk_budget_bytes)
         self.hrm = hrm
 
