@@ -3,6 +3,7 @@ venv, imports every one of its modules without the checkout (no benchmarks/, no 
 package imports and computes without Triton (which ships Linux wheels only)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,8 +34,12 @@ def _run(cmd, **kw):
 def test_wheel_in_a_fresh_venv_imports_every_module(tmp_path):
     env = {**os.environ, "HRMKERNELS_BUILD_EXT": "0"}   # the pure-Python wheel: seconds
     env.pop("PYTHONPATH", None)
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", ".triton-3.6", "*.so", "__pycache__", "out"))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(tmp_path / "dist"), str(ROOT)], env=env, cwd=tmp_path)
+          "-w", str(tmp_path / "dist"), str(src)], env=env, cwd=tmp_path)
     wheel, = (tmp_path / "dist").glob("hrmkernels-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])

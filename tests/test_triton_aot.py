@@ -251,7 +251,7 @@ def dense_cases():
     the backward has no divergence term and the launcher one specialisation for every beta);
     every (student, teacher) dtype pair at V = 50257 (rows not 16-byte aligned), and fp64;
     small V (BLOCK_V 1024 with int32 labels; V = 1); no teacher (hrm = 0: the student's logits
-    stand in, functional.py). No spills, whatever the shape."""
+    stand in, api/hrm_loss.py). No spills, whatever the shape."""
     from hrmkernels.kernels.triton.hrm_loss import hrm_loss_bwd, hrm_loss_fwd
     cases = []
 

@@ -1,5 +1,6 @@
 // The CPU implementations of the hrmkernels ops (schemas: csrc/hrm_loss.cpp): check the
-// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_kernels.cpp.
+// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_fwd.cpp and
+// hrm_loss_bwd.cpp (declared in hrm_loss_kernels.h).
 #include <torch/library.h>
 
 #include <cstdint>
