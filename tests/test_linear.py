@@ -447,3 +447,21 @@ def test_linear_hrm_loss_without_a_teacher_is_the_fused_linear_cross_entropy(imp
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="no teacher was given"):
         fused_linear_hrm_loss(xs, ws, None, None, y, 0.5)
+
+
+def test_linear_fp32_output_gemm_is_read_from_the_dispatcher(monkeypatch):
+    """Whether a bf16 GEMM can write fp32 is decided without running one (no error to catch: an
+    out-of-memory must not be taken for a missing kernel and cached)."""
+    from hrmkernels.autograd import linear_hrm_loss as impl
+
+    def no_products(*args, **kwargs):
+        raise AssertionError("a product ran to decide the capability")
+    monkeypatch.setattr(torch, "mm", no_products)
+    monkeypatch.setattr(torch, "addmm", no_products)
+    impl._fp32_out_gemm.cache_clear()
+    try:
+        assert impl._fp32_out_gemm("cpu", torch.bfloat16) is False
+        assert impl._fp32_out_gemm("cuda", torch.float32) is False   # fp32 needs no widening
+        assert isinstance(impl._fp32_out_gemm("cuda", torch.bfloat16), bool)
+    finally:
+        impl._fp32_out_gemm.cache_clear()

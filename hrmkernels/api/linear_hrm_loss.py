@@ -13,10 +13,11 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_num_items,
                                 check_options, divergence_beta)
-from hrmkernels.api.hrm_loss import shift_for_next_token
+from hrmkernels.api.hrm_loss import next_token_labels
 from hrmkernels.api.reduction import HRMLoss, mean_denominator
 from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
                                                  FusedLinearHRMFunction)
+from hrmkernels.kernels import check_label_range
 
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
 
@@ -195,9 +196,9 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
             num_items_in_batch, return_components: as in fused_hrm_loss.
-        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels and uses
-            the hidden states (and teacher logits) of positions [..., :-1, :] against
-            labels[..., 1:].
+        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels (the
+            hidden states' leading shape) and shifts them, never the hidden states: position i
+            predicts labels[..., i + 1], the last position of each sequence is ignored.
         student_logit_scale, teacher_logit_scale: positive floats (default 1.0) multiplying each
             model's logits (Cohere's ``logit_scale``; ``1 / logits_scaling`` for HyperCLOVA X).
         student_softcap, teacher_softcap: None (default) or a positive float c: the logits become
@@ -233,25 +234,26 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
      teacher_bias) = _autocast([student_hidden, student_weight, student_bias, teacher_hidden,
                                 teacher_weight, teacher_bias])
+    hrm, temperature, label_smoothing, ignore_index = check_options(
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+        jsd_beta, shift_labels)
+    if shift_labels and isinstance(student_hidden, torch.Tensor):
+        labels = next_token_labels(labels, student_hidden.shape[:-1], ignore_index)
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta, shift_labels)
     teacherless = teacher_hidden is None and teacher_logits is None
     if teacherless and hrm != 0:
         raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
                          "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
                          "without a teacher is the fused linear cross-entropy)")
-    if shift_labels:
-        labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
-            labels, student_hidden, teacher_hidden, teacher_logits)
     check_linear_options(impl, chunk_budget_bytes, backend)
     transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                                   teacher_softcap, teacher_logits)
     beta = divergence_beta(kl_direction, jsd_beta)
     device = student_hidden.device
-    check_num_items(num_items_in_batch, device, reduction)
+    num_items_in_batch = check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
+    check_label_range(labels, v, ignore_index)
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
     if teacherless:
         heads += [None, None, None, None]
@@ -262,7 +264,7 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
         heads += [None, None, None, _rows(teacher_logits, v)]
     y = labels.reshape(-1).contiguous()   # the kernels read labels densely
     # with_kl: report the divergence even at hrm == 0 (needs the teacher; 0 without one)
-    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta,
+    options = (hrm, temperature, label_smoothing, ignore_index, beta,
                bool(return_components) and not teacherless)
     denom = None
     if reduction == "mean":
@@ -272,9 +274,11 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
     grad_enabled = torch.is_grad_enabled()
     if impl == "chunked":
         budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
-        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms,
-                                             backends.resolve(backend, device), budget,
-                                             grad_enabled)
+        # the chunk logits are float64 for float64 heads: a backend that computes in float64
+        wide = any(t is not None and t.dtype == torch.float64 for t in heads)
+        launchers = backends.resolve(backend, device, dtype=torch.float64 if wide else None)
+        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms, launchers,
+                                             budget, grad_enabled)
     else:
         kernels = backends.resolve_linear_tiles(device)
         # The kernels address weights by row stride and biases densely.
@@ -285,6 +289,8 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
             out = [t.sum() / denom for t in out]
     if reduction == "none":
         out = [t.view(labels.shape) for t in out]
+        if shift_labels:   # the padded last position of each sequence is not returned
+            out = [t[..., :-1] for t in out]
     loss, ce, kl, entropy = out
     if not return_components:
         return loss

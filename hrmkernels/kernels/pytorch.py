@@ -8,15 +8,17 @@ section 1 (top-k: topk.py) instead of keeping an autograd graph over N x V tenso
 Math runs in float32, or float64 when an input is float64.
 
 The launchers call custom ops (torch.ops.hrmkernels.*_torch), which torch.compile treats as
-opaque calls: a compiled model runs these loops unchanged. The CPU label and index checks run
-inside the ops, so they also run in a compiled model; they are skipped only while tracing
-(torch.compiler.is_compiling()) and on other devices, where a bad label or index gives a NaN
-loss instead, as in the GPU kernels.
+opaque calls: a compiled model runs these loops unchanged. The CPU label and index checks
+(kernels.host_checks) run inside the ops, so they also run in a compiled model; they are skipped
+only while tracing and on other devices, where a bad label or index gives a NaN loss instead,
+as in the GPU kernels.
 """
 import math
 
 import torch
 from torch import Tensor
+
+from hrmkernels import kernels
 
 CHUNK_ELEMENTS = 1 << 21   # ~8 MB per fp32 temporary
 
@@ -33,21 +35,6 @@ def _rows(z):
 
 def _compute_dtype(z, u):
     return torch.promote_types(torch.promote_types(z.dtype, u.dtype), torch.float32)
-
-
-def _checking(t):
-    # On CPU the tensors are host memory: checking them costs no device synchronisation.
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _check_labels(labels, ignore_index, v):
-    if not _checking(labels):
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bad.any():  # sync-ok: CPU tensor
-        first = bad.nonzero()[0, 0]  # sync-ok: CPU tensor
-        raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index={ignore_index}; "
-                         f"found {labels[first]} at flat position {first}")
 
 
 def _ce(zc, y, v, eps):
@@ -114,7 +101,7 @@ def _divergence(a, b, lse_a, lse_b, beta):
 
 def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
     v = z.shape[-1]
-    _check_labels(labels, ignore_index, v)
+    kernels.check_label_range(labels, v, ignore_index)
     dtype, eps = _compute_dtype(z, u), float(label_smoothing)
     n = labels.numel()
     ce, div, ent = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(3))
@@ -170,7 +157,7 @@ def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_in
 # Top-k teachers: the math, the stats and the gradient are derived in topk.py.
 
 def _check_topk_indices(idx, v):
-    if not _checking(idx):
+    if not kernels.host_checks(idx):
         return
     bad = (idx < 0) | (idx >= v)
     if bad.any():  # sync-ok: CPU tensor
@@ -199,7 +186,7 @@ def _bucket_kl(log_w, log_v):
 def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, beta,
               renormalize):
     v, reverse, jsd = z.shape[-1], beta == 1.0, 0.0 < beta < 1.0
-    _check_labels(labels, ignore_index, v)
+    kernels.check_label_range(labels, v, ignore_index)
     _check_topk_indices(idx, v)
     dtype, eps = _compute_dtype(z, lp), float(label_smoothing)
     n = labels.numel()

@@ -64,6 +64,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from hrmkernels.kernels import check_label_range
 from hrmkernels.kernels.triton.common import (MAXNREG_8_WARPS, block_v, custom_triton_op,
                                               device_of, divergence_args, divergence_grads,
                                               log_mix, no_output, online_lse, online_lse_h,
@@ -229,6 +230,7 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
                      label_smoothing: float, ignore_index: int, beta: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, v = labels.shape[0], z.shape[-1]
+    check_label_range(labels, v, ignore_index)   # CPU tensors (the interpreter) only
     loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
     stats = torch.empty(n, 5, dtype=torch.float32, device=z.device)
     scalars, flags = divergence_args(beta)
