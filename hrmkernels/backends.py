@@ -119,10 +119,11 @@ def _warn_no_cpu_kernels(device):
         stacklevel=4)
 
 
-def resolve_linear_tiles(device):
+def resolve_linear_tiles(device, dtype=None):
     """The Triton kernels of the fused linear loss on logit tiles (kernels/triton/linear.py), for
-    hrmkernels.experimental.tiled_linear_hrm_loss; ValueError where Triton cannot run."""
-    why = _why_unavailable("triton", device)
+    hrmkernels.experimental.tiled_linear_hrm_loss; ValueError where Triton cannot run (float64
+    heads included)."""
+    why = _why_unavailable("triton", device, dtype=dtype)
     if why:
         raise ValueError(f"tiled_linear_hrm_loss is not available for {device} tensors: {why}")
     from hrmkernels.kernels.triton import linear

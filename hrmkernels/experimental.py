@@ -20,7 +20,8 @@ _SIGNATURE = inspect.signature(fused_linear_hrm_loss)
 def tiled_linear_hrm_loss(*args, **kwargs):
     """fused_linear_hrm_loss on logit tiles kept on chip (Triton only: backend "auto" or
     "triton"). For bf16/fp16 heads, or fp32 at matmul precision "medium" (tf32); fp32 at "high"
-    or "highest" and fp64 heads (multiplied in fp32) take small tiles and run slowly."""
+    or "highest" takes small tiles and runs slowly; float64 heads raise (Triton computes in
+    float32: fused_linear_hrm_loss keeps float64)."""
     bound = _SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     return _linear_hrm_loss("fused", **bound.arguments)

@@ -272,15 +272,15 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
     elif reduction == "sum":
         denom = 1
     grad_enabled = torch.is_grad_enabled()
+    # float64 heads: chunk logits in float64, for a backend that computes in float64
+    wide = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in heads) else None
     if impl == "chunked":
         budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
-        # the chunk logits are float64 for float64 heads: a backend that computes in float64
-        wide = any(t is not None and t.dtype == torch.float64 for t in heads)
-        launchers = backends.resolve(backend, device, dtype=torch.float64 if wide else None)
+        launchers = backends.resolve(backend, device, dtype=wide)
         out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms, launchers,
                                              budget, grad_enabled)
     else:
-        kernels = backends.resolve_linear_tiles(device)
+        kernels = backends.resolve_linear_tiles(device, wide)
         # The kernels address weights by row stride and biases densely.
         heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
         heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
