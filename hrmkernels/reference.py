@@ -55,10 +55,14 @@ def _ce(z, labels, keep, eps):
 
 
 def _kl(log_p, log_q):
-    """sum p (log p - log q) over the last dimension; 0 * log 0 = 0, masked before the product so
-    that autograd never meets 0 * inf."""
+    """sum p (log p - log q) over the last dimension, decided by the logs, not by an exp that
+    may underflow: 0 where log p = -inf (0 * log 0 = 0, masked before the product so that
+    autograd never meets 0 * inf); +inf where log p > -inf = log q, even where exp(log p) is 0;
+    NaN passes through (values and gradients)."""
     p = log_p.exp()
-    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    masked = log_p == float("-inf")
+    term = p * torch.where(masked, 0.0, log_p - log_q)
+    return torch.where(~masked & (log_q == float("-inf")) & (p == 0), float("inf"), term).sum(-1)
 
 
 def _divergence(log_p, log_q, beta):
@@ -78,7 +82,7 @@ def _divergence(log_p, log_q, beta):
 
 def _entropy(log_q):
     q = log_q.exp()
-    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
+    return -(q * torch.where(log_q == float("-inf"), 0.0, log_q)).sum(-1)
 
 
 def _denominator(keep, num_items_in_batch, dtype):

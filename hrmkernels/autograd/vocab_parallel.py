@@ -101,6 +101,7 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         lse = m + torch.log(parts[:, :3])
         mu = parts[:, 3] / parts[:, 1 if reverse else 2]
         kl = mu + (lse[:, 2] - lse[:, 1] if reverse else lse[:, 1] - lse[:, 2])
+        mu = torch.where(kl.isnan(), kl, mu)   # a NaN divergence gives a NaN gradient
         kl = torch.where(kl < 0, 0.0, kl)
         valid = (labels >= 0) & (labels < v_total)
         z_y = torch.where(valid, parts[:, 4], torch.nan)
