@@ -10,8 +10,8 @@ from numbers import Integral, Real
 import torch
 
 from hrmkernels import backends
-from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, _choice, check_num_items,
-                                check_options, divergence_beta)
+from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, TOPK_MODES, _choice,
+                                check_num_items, check_options, check_topk_pair, divergence_beta)
 from hrmkernels.api.hrm_loss import shift_for_next_token
 from hrmkernels.api.reduction import HRMLoss, mean_denominator
 from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
@@ -179,6 +179,26 @@ def _rows(t, size):
     return t if t.stride(-1) == 1 or size == 1 else t.contiguous()
 
 
+def _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits, teacher_logit_scale,
+                        teacher_softcap, impl):
+    """A sparse teacher replaces the teacher's head: nothing else of the teacher is given."""
+    given = [n for n, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                            ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits))
+             if t is not None]
+    if given:
+        raise ValueError(f"teacher_topk is the teacher: pass teacher_hidden and teacher_weight as "
+                         f"None (got teacher_topk and {', '.join(given)})")
+    if teacher_logit_scale != 1.0 or teacher_softcap is not None:
+        raise ValueError("teacher_logit_scale and teacher_softcap transform the teacher head's "
+                         "logits; teacher_topk log-probabilities are used as given")
+    if impl != "chunked":
+        raise ValueError(f"teacher_topk runs with impl='chunked', got impl={impl!r}")
+    check_topk_pair(teacher_topk, student_hidden.shape[:-1], student_weight.shape[0],
+                    student_hidden.device, "student_hidden")
+    _choice("topk_mode", topk_mode, TOPK_MODES)
+
+
 def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
@@ -186,7 +206,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
-                          impl="chunked", chunk_budget_bytes=None):
+                          impl="chunked", chunk_budget_bytes=None, teacher_topk=None,
+                          topk_mode="rest"):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
 
     Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
@@ -214,6 +235,11 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             CE sees the transformed student logits; the divergence sees them divided by T.
             Precomputed ``teacher_logits`` are used as given (the teacher keywords must then
             keep their defaults).
+        teacher_topk, topk_mode: a sparse teacher ``(indices, logprobs)``, each (..., k) with
+            student_hidden's leading shape, as in fused_hrm_loss (log-probabilities used as
+            given, stored at T), in place of the teacher's hidden states and head (pass those as
+            None): the offline or served teacher. Only the student's chunk logits exist; the
+            top-k launchers run on them (backends "torch" and "triton"; impl="chunked").
         backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
             "cuda", "torch"); impl="fused" takes only "auto" or "triton".
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
@@ -239,7 +265,11 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                         teacher_weight, teacher_bias, teacher_logits, labels)
     check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta, shift_labels)
-    teacherless = teacher_hidden is None and teacher_logits is None
+    if teacher_topk is not None:
+        _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight,
+                            teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                            teacher_logit_scale, teacher_softcap, impl)
+    teacherless = teacher_hidden is None and teacher_logits is None and teacher_topk is None
     if teacherless and hrm != 0:
         raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
                          "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
@@ -247,6 +277,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     if shift_labels:
         labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
             labels, student_hidden, teacher_hidden, teacher_logits)
+        if teacher_topk is not None:
+            teacher_topk = shift_for_next_token(labels, *teacher_topk)[1:]
     check_linear_options(impl, chunk_budget_bytes, backend)
     transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                                   teacher_softcap, teacher_logits)
@@ -255,8 +287,11 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
-    if teacherless:
+    topk = ()
+    if teacherless or teacher_topk is not None:
         heads += [None, None, None, None]
+        if teacher_topk is not None:   # (N, k) rows
+            topk = (*(_rows(t, t.shape[-1]) for t in teacher_topk), topk_mode == "renormalize")
     elif teacher_logits is None:
         heads += [_rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
                   None]
@@ -275,8 +310,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     if impl == "chunked":
         budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
         out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms,
-                                             backends.resolve(backend, device), budget,
-                                             grad_enabled)
+                                             backends.resolve(backend, device, topk=bool(topk)),
+                                             budget, grad_enabled, *topk)
     else:
         kernels = _fused_kernels(device)
         # The kernels address weights by row stride and biases densely.
@@ -307,13 +342,14 @@ class FusedLinearHRMLoss(torch.nn.Module):
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
                  teacher_softcap=None, backend="auto", return_components=False, impl="chunked",
-                 chunk_budget_bytes=None):
+                 chunk_budget_bytes=None, topk_mode="rest"):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
                       backend, jsd_beta, shift_labels)
         check_linear_options(impl, chunk_budget_bytes, backend)
         logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                          teacher_softcap)
+        _choice("topk_mode", topk_mode, TOPK_MODES)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
                             kl_direction=kl_direction, jsd_beta=jsd_beta,
@@ -321,16 +357,17 @@ class FusedLinearHRMLoss(torch.nn.Module):
                             teacher_logit_scale=teacher_logit_scale,
                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                             backend=backend, return_components=return_components, impl=impl,
-                            chunk_budget_bytes=chunk_budget_bytes)
+                            chunk_budget_bytes=chunk_budget_bytes, topk_mode=topk_mode)
         self.hrm = hrm
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                 student_bias=None, teacher_bias=None, teacher_logits=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, teacher_topk=None):
         return fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden,
                                      teacher_weight, labels, self.hrm, student_bias=student_bias,
                                      teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-                                     num_items_in_batch=num_items_in_batch, **self.options)
+                                     num_items_in_batch=num_items_in_batch,
+                                     teacher_topk=teacher_topk, **self.options)
 
     def extra_repr(self):
         return f"hrm={self.hrm}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
