@@ -17,7 +17,8 @@ Other options are train_distill.py's (--preset, model and data sizes, --seed, --
 --temperature, --device, ...). Writes to --out (default out/offline): offline.csv (one row per
 variant: validation KL to the full teacher and CE, the cache's size on disk (input ids and
 labels included) and the teacher columns' bytes per token, step time, peak memory),
-offline_curves.csv, offline_distill.png, the caches (cache_*/) and the teacher checkpoint.
+offline_storage.csv (the KL error that float16 log-probabilities add), offline_curves.csv,
+offline_distill.png, the caches (cache_*/) and the teacher checkpoint.
 """
 import argparse
 import os
@@ -36,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_distill as demo  # noqa: E402  (the demo's data, model and evaluation)
 
+from hrmkernels import fused_hrm_loss  # noqa: E402
 from hrmkernels.integrations.data import TopKDataCollator, cache_teacher_topk  # noqa: E402
 from hrmkernels.integrations.hf import TOPK_KEYS, HRMDistillationTrainer  # noqa: E402
 
@@ -176,7 +178,38 @@ def train_variant(name, args, cfg, data, teacher, val, ctx, collator=None):
         trainer.train()
     step_s = statistics.median(probe.times[1:] or probe.times)
     return dict(probe=probe, val_ce=probe.curve[-1][1], val_kl=probe.curve[-1][2],
-                step_ms=1e3 * step_s, peak_mem_mb=mem.mb)
+                step_ms=1e3 * step_s, peak_mem_mb=mem.mb, student=student)
+
+
+@torch.no_grad()
+def storage_error(student, teacher, val, args, ctx):
+    """Per k: the validation KL(teacher || student) to the full teacher, to its top-k ("rest")
+    with float32 log-probabilities, and with them rounded to float16 (what a float16 cache adds:
+    the mean and largest per-token change), on the evaluation batches."""
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    batches = [demo.get_batch(val, args.batch_size, args.block_size, gen, args.device)
+               for _ in range(args.eval_iters)]
+    opts = dict(temperature=args.temperature, reduction="none", return_components=True,
+                backend=args.backend)
+    rows = []
+    for k in args.ks:
+        full, f32, f16, worst = [], [], [], 0.0
+        for x, y in batches:
+            with ctx:
+                z, u = student.gpt(x).float(), teacher.gpt(x).float()
+            full.append(fused_hrm_loss(z, u, y, 0.0, **opts).kl)
+            lp, idx = torch.log_softmax(u / args.temperature, -1).topk(k, -1)
+            a = fused_hrm_loss(z, labels=y, hrm=0.0, teacher_topk=(idx, lp), **opts).kl
+            b = fused_hrm_loss(z, labels=y, hrm=0.0, teacher_topk=(idx, lp.half()), **opts).kl
+            f32.append(a)
+            f16.append(b)
+            worst = max(worst, (a - b).abs().max().item())
+        full, f32, f16 = (torch.cat(t).double() for t in (full, f32, f16))
+        rows.append(dict(k=k, kl_full=full.mean().item(), kl_topk_fp32=f32.mean().item(),
+                         kl_topk_fp16=f16.mean().item(),
+                         fp16_mean_abs_change=(f16 - f32).abs().mean().item(),
+                         fp16_max_abs_change=worst))
+    return rows
 
 
 def parse_args(argv=None):
@@ -243,9 +276,14 @@ def main(argv=None):
         rows.append(row)
         curves += [dict(variant=name, step=s, val_ce=ce, val_kl=kl)
                    for s, ce, kl in result["probe"].curve]
+        if how is None:
+            dense_student = result["student"]
     demo.write_csv(args.out / "offline.csv", rows)
     demo.write_csv(args.out / "offline_curves.csv", curves)
     plot(curves, [r["variant"] for r in rows], args.out / "offline_distill.png", teacher_val_ce)
+    errors = storage_error(dense_student, teacher, val, args, ctx) if args.ks else []
+    if errors:
+        demo.write_csv(args.out / "offline_storage.csv", errors)
     print(f"\nteacher val CE {teacher_val_ce:.3f}; {len(data)} windows of {args.block_size} "
           f"tokens; hrm {args.hrm:g}, T {args.temperature:g}, topk_mode 'rest'")
     print(f"{'variant':>15} {'val KL':>8} {'val CE':>8} {'cache MB':>9} {'B/token':>8} "
@@ -253,6 +291,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:>15} {r['val_kl']:>8.4f} {r['val_ce']:>8.4f} {r['cache_mb']!s:>9} "
               f"{r['bytes_per_token']!s:>8} {r['step_ms']:>8.1f} {r['peak_mem_mb']:>8}")
+    if errors:
+        print("\nKL(teacher || dense-teacher student) on validation, per token: full teacher, "
+              "top-k ('rest') float32 and float16 log-probabilities")
+        for e in errors:
+            print(f"k={e['k']:>4}: full {e['kl_full']:.5f}, fp32 {e['kl_topk_fp32']:.5f}, fp16 "
+                  f"{e['kl_topk_fp16']:.5f} (mean |change| {e['fp16_mean_abs_change']:.2e}, "
+                  f"max {e['fp16_max_abs_change']:.2e})")
     print(f"\nwrote {args.out}/offline.csv, offline_curves.csv, offline_distill.png "
           f"({time.perf_counter() - t_start:.0f}s)")
     return rows

@@ -16,8 +16,9 @@ teacher's logits at position i predict, so a row has exactly as many entries as 
 the logits) and the Trainer shifts the labels as it does for logits. The last entry predicts
 past the row's end and is never used with Hugging Face labels.
 
-Bytes per token: k * (4 + 4) for int32 ids and float32 log-probabilities (256 B at k = 32;
-k * 6 with float16), against V * 2 bytes of bf16 logits (256 KB at V = 128256).
+Bytes per token: k * (4 + 4) for int32 ids and float32 log-probabilities (k * 6 with float16),
+plus 8 for Arrow's offsets (``datasets.Array2D`` is a list of lists): 264 B at k = 32, against
+V * 2 bytes of bf16 logits (256 KB at V = 128256).
 """
 import math
 import uuid
