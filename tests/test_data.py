@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("accelerate")
 
-from hrmkernels.integrations.data import TopKDataCollator, cache_teacher_topk, check_topk_rows  # noqa: E402
+from hrmkernels.integrations.data import (TopKDataCollator, cache_teacher_topk,  # noqa: E402
+                                          check_topk_rows, served_topk)
 from hrmkernels.integrations.hf import TOPK_KEYS, HRMDistillationTrainer  # noqa: E402
 from hrmkernels.reference import hrm_loss_topk_reference  # noqa: E402
 
@@ -127,3 +128,26 @@ def test_trainer_trains_from_the_cache_without_logits(tmp_path):
     assert seen and max(seen) <= 8                     # only the probe's tokens
     for p0, p1, g in zip(before, student.parameters(), grads):
         assert ((p0 - p1.detach()) - g).norm() <= 1e-4 * g.norm() + 1e-7
+
+
+def test_served_prompt_logprobs_map_onto_the_cache_alignment():
+    """vLLM's prompt_logprobs (None, then per token j the top-k of its distribution, plus token j
+    itself when outside them) -> position i holds entry i + 1, as the cache does."""
+    from collections import namedtuple
+    Logprob = namedtuple("Logprob", "logprob rank")
+    teacher, row = _lm("llama"), _dataset()["input_ids"][1]
+    ref = _teacher_logprobs(teacher, row, 1.0).float()          # (S, V): position i -> token i+1
+    served = [None]
+    for j in range(1, len(row)):
+        lp, ids = ref[j - 1].topk(4)
+        entry = {int(t): Logprob(float(v), r + 1) for r, (t, v) in enumerate(zip(ids, lp))}
+        entry.setdefault(row[j], Logprob(float(ref[j - 1, row[j]]), 50))   # the prompt token
+        served.append(entry)
+    served[3] = dict(list(served[3].items())[:2])               # a position with 2 entries
+    idx, lp = served_topk(served, 4)
+    cached = cache_teacher_topk(teacher, _dataset().select([1]), k=4).with_format("torch")[0]
+    keep = [i for i in range(len(row) - 1) if i != 2]
+    torch.testing.assert_close(lp[keep], cached[TOPK_KEYS[1]][keep], rtol=0, atol=1e-5)
+    assert torch.equal(idx[keep].long(), cached[TOPK_KEYS[0]][keep])
+    assert idx[2, :2].tolist() == cached[TOPK_KEYS[0]][2, :2].tolist()
+    assert (lp[2, 2:] == float("-inf")).all() and len(set(idx[2].tolist())) == 4

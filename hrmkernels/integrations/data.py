@@ -120,6 +120,38 @@ def cache_teacher_topk(teacher, dataset, k=None, *, sample=None, temperature=1.0
     return out
 
 
+def served_topk(prompt_logprobs, k):
+    """A served teacher's prompt log-probabilities as one row of the two top-k columns.
+
+    Args:
+        prompt_logprobs: what vLLM returns for a prompt of S tokens with ``SamplingParams(
+            prompt_logprobs=k)`` (``RequestOutput.prompt_logprobs``, as TRL's server trainers
+            request it): S entries, None for the first token, then for each token j a dict
+            ``{token id: Logprob}`` (or a float) of the k most likely tokens at position j given
+            the tokens before it, plus token j itself when it is not among them.
+        k: the number of entries to keep per position (the most likely, by log-probability).
+
+    Returns:
+        ``(indices, logprobs)``, (S, k) int32 and float32: position i holds entry i + 1, the
+        distribution of token i + 1, as cache_teacher_topk aligns them. An entry with fewer than
+        k tokens is padded with ids it does not list and log-probability -inf (probability 0);
+        the last position, which predicts past the prompt, holds a uniform distribution over
+        ids 0..k-1 (its label is never used).
+    """
+    s = len(prompt_logprobs)
+    idx = torch.arange(k, dtype=torch.int32).repeat(s, 1)
+    lp = torch.full((s, k), -math.log(k))
+    for i, entry in enumerate(prompt_logprobs[1:]):
+        top = sorted(((int(t), float(getattr(v, "logprob", v))) for t, v in entry.items()),
+                     key=lambda e: -e[1])[:k]
+        ids = [t for t, _ in top]
+        taken = set(ids)
+        pad = [j for j in range(k + len(ids)) if j not in taken][:k - len(ids)]
+        idx[i] = torch.tensor(ids + pad, dtype=torch.int32)
+        lp[i] = torch.tensor([v for _, v in top] + [float("-inf")] * len(pad))
+    return idx, lp
+
+
 def check_topk_rows(dataset, name="dataset"):
     """Raise ValueError naming the first row whose cached top-k columns do not have one entry
     per input id (a cache built from other tokens, or cut differently). Reads only the Arrow
