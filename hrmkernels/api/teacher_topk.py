@@ -184,7 +184,8 @@ def teacher_sample(hidden=None, weight=None, n=None, *, generator=None, logits=N
         with ids it did not draw (valid, never repeated) and log-probability -inf, which the
         loss treats as absent (probability 0). With ``topk_mode="rest"`` the tail mass is 0:
         the forward KL and the JSD are those of the sampled distribution (the reverse KL is
-        infinite wherever the student puts mass outside the draws, its true value).
+        infinite wherever the student puts mass outside the draws, its true value). Under
+        "renormalize" a padded id would join the student's normaliser: use "rest".
     """
     lead, v, chunks, tile_v, tile = _tiles(hidden, weight, logits, temperature, bias,
                                            logit_scale, softcap, chunk_rows, vocab_tile,
