@@ -418,7 +418,9 @@ class HRMDistillationTrainer(Trainer):
             for name in ("train_dataset", "eval_dataset"):
                 ds = getattr(self, name, None)
                 for key, part in (ds.items() if isinstance(ds, dict) else [(None, ds)]):
-                    if set(TOPK_KEYS) <= set(getattr(part, "column_names", None) or ()):
+                    # map-style datasets.Dataset (an Arrow table), not a stream
+                    if hasattr(part, "data") and set(TOPK_KEYS) <= set(
+                            getattr(part, "column_names", None) or ()):
                         from hrmkernels.integrations.data import check_topk_rows
                         check_topk_rows(part, name if key is None else f"{name}[{key!r}]")
         self.teacher_model = teacher_model
