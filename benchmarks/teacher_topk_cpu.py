@@ -106,7 +106,9 @@ def main(argv=None):
     if args.child:
         return child(args.child, args.n, args.v, args.h, args.k, args.draws, args.repeats)
     date = datetime.datetime.now(datetime.timezone.utc)
-    result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "device": "cpu",
+    # "gpu" names the device as benchmarks/run.py does (no GPU here: the CPU and its cores)
+    result = {"machine": {"gpu": f"cpu ({_cpu_name()}, {os.cpu_count()} cores)",
+                          "cpu": _cpu_name(), "cores": os.cpu_count(), "device": "cpu",
                           **_versions()},
               "commit": _git("rev-parse", "HEAD"),
               "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
