@@ -8,8 +8,8 @@ CE + hrm * KL(softmax(u/T) || softmax(z/T)) ("mean"), and the gradients of the s
 states and weight (the teacher is frozen):
 
     materialized   N x V logits in the input dtype + fused_hrm_loss (backend "auto")
-    chunked        fused_linear_hrm_loss(impl="chunked")   (stage 1)
-    fused          fused_linear_hrm_loss(impl="fused")     (stage 2, Triton; GPU only)
+    chunked        fused_linear_hrm_loss (token chunks)
+    fused          hrmkernels.experimental.tiled_linear_hrm_loss (logit tiles, Triton; GPU only)
     liger-fljsd    Liger-Kernel LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=1,
                    weight_soft_loss=hrm): CE + hrm * KL, chunked, torch.compile'd. Which KL
                    direction beta=0 means has changed between Liger versions; the work is the same.
@@ -29,7 +29,8 @@ import torch
 import triton
 
 from hrmkernels import fused_hrm_loss
-from hrmkernels.api.linear_hrm_loss import fused_linear_hrm_loss
+from hrmkernels import fused_linear_hrm_loss
+from hrmkernels.experimental import tiled_linear_hrm_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -81,10 +82,8 @@ def loss_fn(provider, hrm):
             return fused_hrm_loss(z, u, y, hrm, temperature=TEMPERATURE)
         return loss
     if provider in ("chunked", "fused"):
-        def loss(xs, ws, xt, wt, y):
-            return fused_linear_hrm_loss(xs, ws, xt, wt, y, hrm, temperature=TEMPERATURE,
-                                         impl=provider)
-        return loss
+        fn = fused_linear_hrm_loss if provider == "chunked" else tiled_linear_hrm_loss
+        return lambda xs, ws, xt, wt, y: fn(xs, ws, xt, wt, y, hrm, temperature=TEMPERATURE)
     if provider == "liger-fljsd":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         fn = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=hrm, beta=0.0,

@@ -19,6 +19,7 @@ import re
 import torch
 
 from hrmkernels import FusedHRMLoss, fused_hrm_loss, fused_linear_hrm_loss
+from hrmkernels.experimental import tiled_linear_hrm_loss
 from hrmkernels.reference import hrm_loss_reference, hrm_loss_topk_reference
 
 N, V, H = 4096, 128256, 4096   # Llama 3's vocabulary and width
@@ -222,7 +223,9 @@ def linear_check(prob, backend):
     """fused_linear_hrm_loss(backend=...) on a linear_problem: loss and student gradients."""
     xs, ws, xt, wt = prob["inputs"]
     xs, ws = xs.detach().requires_grad_(), ws.detach().requires_grad_()
-    loss = fused_linear_hrm_loss(xs, ws, xt, wt, prob["y"], backend=backend, **prob["kw"])
+    kw = dict(prob["kw"])
+    fn = tiled_linear_hrm_loss if kw.pop("impl") == "fused" else fused_linear_hrm_loss
+    loss = fn(xs, ws, xt, wt, prob["y"], backend=backend, **kw)
     (loss * 1.7).backward()
     tol = 3e-2 if prob["p"]["dtype"] in HALF else 2e-5   # tests/test_linear.py: of max |ref|
     metrics, failures = {}, []
@@ -342,6 +345,7 @@ def compile_check(backend, device, compiler="inductor"):
 SANITIZER_SCRIPT = """
 import torch
 from hrmkernels import available_backends, fused_hrm_loss, fused_linear_hrm_loss
+from hrmkernels.experimental import tiled_linear_hrm_loss
 v = 4099
 z, u = torch.randn(6, v, device="cuda").bfloat16(), torch.randn(6, v, device="cuda")
 y = torch.tensor([1, v - 1, -100, v, -2, 7], device="cuda")
@@ -360,9 +364,9 @@ for b in available_backends("cuda"):
             loss.backward()
             print("ran", b, *teacher, d, flush=True)
 h, w = torch.randn(6, 64, device="cuda"), torch.randn(v, 64, device="cuda") / 8
-for impl in ("chunked", "fused"):
-    fused_linear_hrm_loss(h.clone().requires_grad_(), w, h, w, y, 0.5, impl=impl).backward()
-    print("ran linear", impl, flush=True)
+for fn in (fused_linear_hrm_loss, tiled_linear_hrm_loss):
+    fn(h.clone().requires_grad_(), w, h, w, y, 0.5).backward()
+    print("ran linear", fn.__name__, flush=True)
 torch.cuda.synchronize()   # sync-ok: every kernel has run before the tool's summary
 print("GPUCHECK-SANITIZER-DONE")
 """

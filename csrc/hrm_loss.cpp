@@ -12,7 +12,7 @@
 // beta selects the divergence: 0 forward KL(p || q), 1 reverse KL(q || p), in between the
 // generalised JSD_beta (csrc/hrm_loss_math.h). Python (hrmkernels/kernels/native.py) registers
 // the fake (meta) implementations, so the ops work under torch.compile and torch.export; the
-// autograd formula lives in hrmkernels/autograd.py.
+// autograd formula lives in hrmkernels/autograd/hrm_loss.py.
 #include <Python.h>
 
 #include <torch/library.h>

@@ -75,6 +75,9 @@ HRM_HD float max(float x, float y) { return ::fmaxf(x, y); }
 HRM_HD double max(double x, double y) { return ::fmax(x, y); }
 HRM_HD float min(float x, float y) { return ::fminf(x, y); }
 HRM_HD double min(double x, double y) { return ::fmin(x, y); }
+// max and min that return a NaN operand (fmax and fmin return the other one).
+template <class F> HRM_HD F max_nan(F x, F y) { return (x > y || x != x) ? x : y; }
+template <class F> HRM_HD F min_nan(F x, F y) { return (x < y || x != x) ? x : y; }
 HRM_HD float fma(float x, float y, float z) { return ::fmaf(x, y, z); }
 HRM_HD double fma(double x, double y, double z) { return ::fma(x, y, z); }
 
@@ -259,7 +262,9 @@ HRM_HD FwdResult<F> fwd_finish(FwdState<F> st, const Options<F>& o, int64_t V, F
   }
   const F mu = d == Div::kForward ? st.tb / st.sb / o.temperature : st.ta / st.sa / o.temperature;
   const F kl = d == Div::kForward ? mu + lse_a - lse_b : mu + lse_b - lse_a;
-  r.stats[3] = mu;
+  // A NaN in the logit stream that mu does not read (lse_a for the forward KL, lse_b for the
+  // reverse) still makes the gradient NaN: mu carries the divergence's NaN to the backward.
+  r.stats[3] = kl != kl ? kl : mu;
   r.div = kl < F(0) ? F(0) : kl;   // rounding can dip below the true KL >= 0; NaN passes
   r.loss = o.hrm > F(0) ? r.ce + o.hrm * r.div : r.ce;
   return r;
@@ -287,19 +292,20 @@ HRM_HD JsdParams<F> jsd_params(const Options<F>& o, F lse_a, F lse_b) {
 template <class F>
 HRM_HD F jsd_log2_m(F lp2, F lq2, const JsdParams<F>& j) {
   const F x = lp2 + j.log2_beta, y = lq2 + j.log2_1mb;
-  const F hi = max(x, y), lo = min(x, y);
+  const F hi = max_nan(x, y), lo = min_nan(x, y);   // a NaN log-probability makes m NaN
   return hi + log1p(exp2(lo - hi)) * static_cast<F>(kLog2e);
 }
 
 // p (lp2 - lm2) and q (lq2 - lm2) of one element (base 2), each exactly 0 where its
-// probability is 0 (never 0 * inf).
+// logit is -inf (never 0 * inf). The guards test the logits, never `p > 0`, which would also drop
+// a NaN, even where p merely underflows (docs/design.md, "Non-finite inputs").
 template <class F>
 HRM_HD void jsd_terms(F z, F u, const JsdParams<F>& j, F& tp, F& tq) {
   const F lp2 = fma(u, j.ka, -j.lb2), lq2 = fma(z, j.ka, -j.la2);
   const F lm2 = jsd_log2_m(lp2, lq2, j);
   const F p = exp2(lp2), q = exp2(lq2);
-  tp = p > F(0) ? p * (lp2 - lm2) : F(0);
-  tq = q > F(0) ? q * (lq2 - lm2) : F(0);
+  tp = lp2 == -inf<F>() ? F(0) : p * (lp2 - lm2);
+  tq = lq2 == -inf<F>() ? F(0) : q * (lq2 - lm2);
 }
 
 // The JSD row outputs from pass 1's result and pass 2's sums (base 2) of jsd_terms.
@@ -358,7 +364,8 @@ HRM_HD BwdRow<F> make_bwd_row(const Options<F>& o, int64_t V, int64_t y, F g, co
   return r;
 }
 
-// dz and du of element `col` with logits z, u. hrm == 0: du = 0 exactly.
+// dz and du of element `col` with logits z, u. hrm == 0: du = 0 exactly. A masked entry
+// contributes 0 (never 0 * inf); NaN passes (the guards test the logits, as in jsd_terms).
 template <class F>
 HRM_HD void grad_elem(const BwdRow<F>& r, F z, F u, int64_t col, F& dz, F& du) {
   const F l2e = static_cast<F>(kLog2e), ln2 = static_cast<F>(kLn2);
@@ -371,15 +378,15 @@ HRM_HD void grad_elem(const BwdRow<F>& r, F z, F u, int64_t col, F& dz, F& du) {
     const F q = r.unit_t ? sm : exp2(lq2), p = exp2(lp2);
     if (r.div == Div::kForward) {
       d += r.cq * (q - p);
-      e = p > F(0) ? r.cp * p * ((u - z) * r.inv_t - r.mu) : F(0);
+      e = u == -inf<F>() ? F(0) : r.cp * p * ((u - z) * r.inv_t - r.mu);
     } else if (r.div == Div::kReverse) {
-      d += q > F(0) ? r.cq * q * ((z - u) * r.inv_t - r.mu) : F(0);
+      d += z == -inf<F>() ? F(0) : r.cq * q * ((z - u) * r.inv_t - r.mu);
       e = r.cp * (p - q);
     } else {
       const JsdParams<F> j{r.ka, r.la2, r.lb2, r.log2_beta, r.log2_1mb};
       const F lm2 = jsd_log2_m(lp2, lq2, j);
-      d += q > F(0) ? r.cq * q * ((lq2 - lm2) * ln2 - r.kl_qm) : F(0);
-      e = p > F(0) ? r.cp * p * ((lp2 - lm2) * ln2 - r.kl_pm) : F(0);
+      d += z == -inf<F>() ? F(0) : r.cq * q * ((lq2 - lm2) * ln2 - r.kl_qm);
+      e = u == -inf<F>() ? F(0) : r.cp * p * ((lp2 - lm2) * ln2 - r.kl_pm);
     }
   }
   dz = r.g * d;

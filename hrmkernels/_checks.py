@@ -22,27 +22,64 @@ def _choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+# The kernels compute in float32: an option must stay a normal, finite float32 number there,
+# or it would silently become 0 or inf (hrm=1e39, temperature=1e-46). Integers passed to the
+# kernels are int64.
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38     # the smallest normal float32
+INT64 = (-2**63, 2**63 - 1)
+
+
 def _real(name, value):
+    """`value` as a Python float: any real number (float, int, numpy scalar, Fraction)."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a Python float (or another real number), got "
+                        f"{type(value).__name__}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     return value
 
 
+def _fp32(name, given, value=None, what=None):
+    """Reject a nonzero value (`given`, or what the kernels derive from it: `what` = `value`)
+    that float32 rounds to 0 or to inf, naming the argument and the range."""
+    value = given if value is None else value
+    if value != 0 and not FP32_TINY <= abs(value) <= FP32_MAX:
+        derived = f": {what} = {value:.4g}" if what else ""
+        raise ValueError(f"{name}={given!r}{derived} is computed in float32 and must be 0 or lie "
+                         f"in [{FP32_TINY:.4g}, {FP32_MAX:.4g}] in magnitude")
+
+
+def check_int64(name, value):
+    """An int (numpy integers too) that fits the kernels' int64, as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"{name}={value} does not fit the kernels' int64: it must lie in "
+                         f"[-2**63, 2**63 - 1]")
+    return value
+
+
 def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
                   jsd_beta=None, shift_labels=False):
-    """Validate the scalar options shared by fused_hrm_loss and FusedHRMLoss."""
-    if _real("hrm", hrm) < 0 or math.isinf(hrm):
+    """Validate the scalar options shared by every loss; returns them as the kernels take them:
+    (hrm, temperature, label_smoothing) as Python floats and ignore_index as a Python int."""
+    hrm = _real("hrm", hrm)
+    if not hrm >= 0 or math.isinf(hrm):
         raise ValueError(f"hrm must be a finite float >= 0 (the weight of the KL term), got {hrm}")
+    _fp32("hrm", hrm)
     t = _real("temperature", temperature)
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    if not 0.0 <= _real("label_smoothing", label_smoothing) <= 1.0:
+    _fp32("temperature", t, 1.0 / t, "1 / temperature")
+    _fp32("temperature", t, hrm / t, "hrm / temperature, the divergence's gradient scale")
+    eps = _real("label_smoothing", label_smoothing)
+    if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _fp32("label_smoothing", eps)
+    ignore_index = check_int64("ignore_index", ignore_index)
     _choice("reduction", reduction, REDUCTIONS)
     _choice("kl_direction", kl_direction, KL_DIRECTIONS)
     _choice("backend", backend, BACKENDS)
@@ -56,6 +93,7 @@ def check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl
         if kl_direction != "forward":
             raise ValueError("pass jsd_beta or kl_direction, not both: jsd_beta=1.0 is "
                              "kl_direction='reverse', jsd_beta=0.0 is 'forward'")
+    return hrm, t, eps, ignore_index
 
 
 def divergence_beta(kl_direction, jsd_beta):
@@ -99,24 +137,32 @@ def check_tensors(student_logits, teacher_logits, labels):
 
 
 def check_num_items(num_items_in_batch, device, reduction):
+    """The denominator of reduction="mean" (None: the call's own token count): a number >= 0
+    (a Python int or float, TRL passes global / world_size) or a 0-d numeric tensor; returned as
+    a Python float or the tensor."""
     if num_items_in_batch is None:
-        return
+        return None
     if reduction != "mean":
         raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; with "
                          f"reduction={reduction!r} it would be ignored: pass one or the other")
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
-            raise ValueError("num_items_in_batch must be an int or a 0-d numeric tensor, got a "
+        if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool or \
+                num_items_in_batch.is_complex():
+            raise ValueError("num_items_in_batch must be a number or a 0-d real tensor, got a "
                              f"tensor of shape {tuple(num_items_in_batch.shape)} and "
                              f"{num_items_in_batch.dtype}")
         if num_items_in_batch.device.type not in ("cpu", device.type):
             raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device}, "
                              f"expected {device}")
-    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, Integral):
-        raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, "
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, Real):
+        raise TypeError(f"num_items_in_batch must be a number or a 0-d tensor, "
                         f"got {type(num_items_in_batch).__name__}")
-    elif num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+    count = float(num_items_in_batch)
+    if not 0 <= count <= FP32_MAX:
+        raise ValueError(f"num_items_in_batch must be a finite number >= 0 (a token count, "
+                         f"at most {FP32_MAX:.4g}), got {num_items_in_batch}")
+    return count
 
 
 def rows_view(x):

@@ -32,7 +32,7 @@ import torch
 
 from hrmkernels._checks import (check_num_items, check_options, check_teacher_topk,
                                 check_tensors, divergence_beta)
-from hrmkernels.api.reduction import HRMLoss, mean_denominator
+from hrmkernels.api.reduction import HRMLoss
 
 
 def _compute_dtype(*tensors):
@@ -55,10 +55,14 @@ def _ce(z, labels, keep, eps):
 
 
 def _kl(log_p, log_q):
-    """sum p (log p - log q) over the last dimension; 0 * log 0 = 0, masked before the product so
-    that autograd never meets 0 * inf."""
+    """sum p (log p - log q) over the last dimension, decided by the logs, not by an exp that
+    may underflow: 0 where log p = -inf (0 * log 0 = 0, masked before the product so that
+    autograd never meets 0 * inf); +inf where log p > -inf = log q, even where exp(log p) is 0;
+    NaN passes through (values and gradients)."""
     p = log_p.exp()
-    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    masked = log_p == float("-inf")
+    term = p * torch.where(masked, 0.0, log_p - log_q)
+    return torch.where(~masked & (log_q == float("-inf")) & (p == 0), float("inf"), term).sum(-1)
 
 
 def _divergence(log_p, log_q, beta):
@@ -78,7 +82,17 @@ def _divergence(log_p, log_q, beta):
 
 def _entropy(log_q):
     q = log_q.exp()
-    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
+    return -(q * torch.where(log_q == float("-inf"), 0.0, log_q)).sum(-1)
+
+
+def _denominator(keep, num_items_in_batch, dtype):
+    """"mean" divides by max(n, 1), n the kept tokens, or by num_items_in_batch as given; a count
+    of 0 means no tokens: the loss is 0 if there are none, NaN if there are some."""
+    n = keep.sum().to(dtype)
+    if num_items_in_batch is None:
+        return n.clamp_min(1)
+    count = torch.as_tensor(num_items_in_batch, dtype=dtype, device=keep.device)
+    return torch.where(count > 0, count, torch.where(n > 0, float("nan"), 1.0))
 
 
 def _finish(ce, kl, entropy, hrm, keep, labels, ignore_index, reduction, num_items_in_batch,
@@ -90,8 +104,7 @@ def _finish(ce, kl, entropy, hrm, keep, labels, ignore_index, reduction, num_ite
     if reduction != "none":
         out = tuple(t.sum() for t in out)
         if reduction == "mean":
-            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
-            out = tuple(t / denom.to(ce.dtype) for t in out)
+            out = tuple(t / _denominator(keep, num_items_in_batch, ce.dtype) for t in out)
     loss, ce, kl, entropy = out
     return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach()) if return_components else loss
 
@@ -106,9 +119,9 @@ def hrm_loss_reference(student_logits, teacher_logits, labels, hrm, *, temperatu
     ``HRMLoss(loss, ce, kl)`` (with ``.entropy``) for ``return_components=True``.
     """
     check_tensors(student_logits, teacher_logits, labels)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch",
-                  jsd_beta)
-    check_num_items(num_items_in_batch, student_logits.device, reduction)
+    hrm, temperature, label_smoothing, ignore_index = check_options(
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch", jsd_beta)
+    num_items_in_batch = check_num_items(num_items_in_batch, student_logits.device, reduction)
     dtype = _compute_dtype(student_logits, teacher_logits)
     keep = labels != ignore_index
     z, u = (_ignored_rows_zero(x.to(dtype), keep) for x in (student_logits, teacher_logits))
@@ -129,9 +142,9 @@ def hrm_loss_topk_reference(student_logits, teacher_topk, labels, hrm, *, topk_m
     teacher_topk=...)``; the log-probabilities get no gradient.
     """
     check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch",
-                  jsd_beta)
-    check_num_items(num_items_in_batch, student_logits.device, reduction)
+    hrm, temperature, label_smoothing, ignore_index = check_options(
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, "torch", jsd_beta)
+    num_items_in_batch = check_num_items(num_items_in_batch, student_logits.device, reduction)
     idx, logp = teacher_topk
     dtype = _compute_dtype(student_logits, logp)
     keep = labels != ignore_index

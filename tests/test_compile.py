@@ -14,6 +14,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import hrmkernels.kernels
 from hrmkernels import FusedHRMLoss, available_backends, backends, fused_hrm_loss
 from hrmkernels.kernels import pytorch as torch_impl
 
@@ -144,7 +145,7 @@ def test_hrm_loss_forward_backward_make_no_host_sync(monkeypatch):
     # (a dispatch mode cannot see inside a custom op) and the CPU-only input checks are off.
     for name in ("fwd", "bwd", "topk_fwd", "topk_bwd"):
         monkeypatch.setattr(torch_impl, f"hrm_loss_{name}", getattr(torch_impl, f"_{name}"))
-    monkeypatch.setattr(torch_impl, "_checking", lambda t: False)
+    monkeypatch.setattr(hrmkernels.kernels, "host_checks", lambda t: False)
     z = torch.randn(2, 9, 50, requires_grad=True)
     _, y, u, idx, lp = _batch(50, "cpu")
     teachers = (dict(teacher_logits=u[:, :-1, :50]), dict(teacher_topk=(idx[:, :-1], lp[:, :-1])),

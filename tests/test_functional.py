@@ -1,6 +1,10 @@
 """The public API: bad input (docs/design.md section 3), backend choice, FusedHRMLoss, HRMLoss."""
 import os
+import sys
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,14 +43,28 @@ BAD = [
     (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
     (dict(kl_direction="backward"), ValueError, "kl_direction must be one of"),
     (dict(backend="cutlass"), ValueError, "backend must be one of"),
-    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
-    (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be a finite number >= 0"),
+    (dict(num_items_in_batch=float("inf")), ValueError, "num_items_in_batch must be a finite"),
+    (dict(num_items_in_batch="4"), TypeError, "num_items_in_batch must be a number"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError,
-     "num_items_in_batch must be an int or a 0-d"),
+     "num_items_in_batch must be a number or a 0-d"),
     (dict(jsd_beta=1.5), ValueError, "jsd_beta must lie in [0, 1]"),
     (dict(jsd_beta=float("nan")), ValueError, "jsd_beta must not be NaN"),
     (dict(jsd_beta="0.5"), TypeError, "jsd_beta must be a Python float"),
     (dict(jsd_beta=0.5, kl_direction="reverse"), ValueError, "pass jsd_beta or kl_direction"),
+    # degenerate in the kernels' float32, or too wide for their int64: named, with the range
+    (dict(hrm=1e39), ValueError, "hrm=1e+39 is computed in float32 and must be 0 or lie in"),
+    (dict(hrm=1e-46), ValueError, "hrm=1e-46 is computed in float32"),
+    (dict(temperature=1e-46), ValueError, "temperature=1e-46: 1 / temperature = 1e+46 is"),
+    (dict(temperature=1e39), ValueError, "temperature=1e+39: 1 / temperature = 1e-39"),
+    (dict(hrm=1e30, temperature=1e-10), ValueError, "temperature=1e-10: hrm / temperature"),
+    (dict(label_smoothing=1e-40), ValueError, "label_smoothing=1e-40"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index=1180591620717411303424 does not fit"),
+    (dict(num_items_in_batch=2**130), ValueError, "num_items_in_batch must be a finite number"),
+    (dict(teacher_logits=None, hrm=np.float32(0.5)), ValueError,
+     "hrm=0.5 weighs a divergence to a teacher"),
+    (dict(teacher_logits=torch.zeros(4, 10, dtype=torch.float64), backend="triton"), ValueError,
+     "float64 inputs run in float64 on backend='torch'"),
     (dict(jsd_beta=0.5, process_group=object()), ValueError,
      "jsd_beta strictly between 0 and 1 needs the whole vocabulary on one device"),
     (dict(jsd_beta=0.5, student_logits=type("DTensorLike", (), {"to_local": None})()), ValueError,
@@ -143,6 +161,10 @@ def test_hrm_loss_shift_labels_takes_hugging_face_labels():
         fused_hrm_loss(z[0, 0], u[0, 0], y[0, 0], 0.5, shift_labels=True)
     with pytest.raises(TypeError, match="shift_labels must be a bool"):
         fused_hrm_loss(z, u, y, 0.5, shift_labels=1)
+    # the shapes the user passed: labels already shifted by hand, with shift_labels=True
+    with pytest.raises(ValueError, match=r"must have shape \(2, 7\), the logits' without V; got "
+                                         r"\(2, 6\)"):
+        fused_hrm_loss(z, u, y[:, 1:], 0.5, shift_labels=True)
 
 
 def test_hrm_loss_num_items_in_batch_has_one_meaning():
@@ -153,11 +175,18 @@ def test_hrm_loss_num_items_in_batch_has_one_meaning():
     s = fused_hrm_loss(z, u, y, 0.5, reduction="sum")
     torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=8), s / 8)
     torch.testing.assert_close(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=4), s / 4)
-    # fewer than this batch's own tokens cannot be their count: NaN, not a silent rescale
-    for count in (0, 3, torch.tensor(3)):
+    # a plain denominator, also below this call's own count (TRL: global / world_size) and as a
+    # float or a tensor
+    for count in (3, 2.5, torch.tensor(3), torch.tensor(2.5, dtype=torch.float64)):
+        got = fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=count)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, s / float(count))
+    # 0 means "no tokens": it cannot count these four (NaN), and an all-ignored batch gives 0
+    for count in (0, torch.tensor(0)):
         assert torch.isnan(fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=count))
-    y[:] = -100                                       # nothing counts: 0, never NaN
-    assert fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=0).item() == 0
+    y[:] = -100
+    for count in (0, torch.tensor(0), 5):
+        assert fused_hrm_loss(z, u, y, 0.5, num_items_in_batch=count).item() == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -183,3 +212,53 @@ def test_hrm_loss_without_a_teacher_is_the_fused_cross_entropy():
                                torch.nn.functional.cross_entropy(z, y))
     with pytest.raises(ValueError, match="neither teacher_logits nor teacher_topk"):
         fused_hrm_loss(z, None, y, 0.5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc needed")
+def test_hrm_loss_shift_labels_costs_no_more_memory_than_shifted_labels():
+    """shift_labels=True moves the labels, not the logits: no N x V gradient is sliced, so the
+    peak memory of a forward + backward is that of hand-shifted labels (within 5%), for every
+    backend, in place or not, and on the Trainer's logits path (benchmarks/shift_memory.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.shift_memory import CONFIGS, measure
+    peaks = measure(b=2, s=129, v=32000)                  # 33 MB of logits
+    for backend, case, inplace in CONFIGS:
+        shifted, by_hand = (peaks[backend, case, inplace, shift] for shift in (True, False))
+        assert shifted <= 1.05 * by_hand + 1, (backend, case, inplace, shifted, by_hand)
+
+
+def test_hrm_loss_options_take_any_real_number():
+    """numpy scalars and Fractions are the floats they are (ints for ignore_index)."""
+    from fractions import Fraction
+    z, u, y = _inputs()
+    expected = fused_hrm_loss(z, u, y, 0.5, temperature=2.0, ignore_index=-100)
+    for hrm, t, ignore in ((np.float32(0.5), np.float64(2.0), np.int64(-100)),
+                           (Fraction(1, 2), Fraction(2), -100)):
+        torch.testing.assert_close(fused_hrm_loss(z, u, y, hrm, temperature=t,
+                                                  ignore_index=ignore), expected)
+
+
+def test_available_backends_float64_goes_where_it_is_computed_in_float64():
+    assert "triton" not in available_backends("cpu", torch.float64)
+    assert "torch" in available_backends("cpu", torch.float64)
+    z = torch.randn(3, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 3, 6], device=DEVICE)
+    got = fused_hrm_loss(z, z.detach() * 2, y, 0.5)        # "auto": a float64 backend
+    assert got.dtype == torch.float64
+    from hrmkernels.reference import hrm_loss_reference
+    torch.testing.assert_close(got, hrm_loss_reference(z, z.detach() * 2, y, 0.5),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_auto_on_cpu_without_the_cpu_kernels_warns_once(monkeypatch):
+    from hrmkernels import backends
+    monkeypatch.setattr(backends, "_native_module", lambda device, build=True: (None, "not built"))
+    backends._warn_no_cpu_kernels.cache_clear()
+    z, u, y = (t.cpu() for t in _inputs())
+    with pytest.warns(UserWarning, match=r"runs the torch backend .* not available: not built\. "
+                                         r"Build them with `pip install --no-build-isolation"):
+        fused_hrm_loss(z, u, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_hrm_loss(z, u, y, 0.5)                      # once per process
+    backends._warn_no_cpu_kernels.cache_clear()

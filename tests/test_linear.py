@@ -12,9 +12,17 @@ import torch
 from hrmkernels import available_backends, fused_hrm_loss
 from hrmkernels.api.linear_hrm_loss import FusedLinearHRMLoss, fused_linear_hrm_loss
 from hrmkernels.autograd.linear_hrm_loss import chunk_rows
+from hrmkernels.experimental import tiled_linear_hrm_loss
 from hrmkernels.reference import hrm_loss_reference
 
 from conftest import DEVICE, requires_cuda
+
+# impl: the chunked loss (public) or the logit tiles on chip (hrmkernels.experimental)
+IMPLS = {"chunked": fused_linear_hrm_loss, "fused": tiled_linear_hrm_loss}
+
+
+def _loss(impl="chunked", **kw):
+    return IMPLS[impl], kw
 
 BASE = dict(lead=(2, 5), hs=24, ht=20, v=197, dtype=torch.float64, bias=True, teacher="hidden",
             pad=0, teacher_grad=False, frozen_weight=False, direction="forward", t=2.0, eps=0.1,
@@ -140,7 +148,8 @@ def _call(c, leaves, y, **kw):
     num_items = c["num_items"]
     if num_items == "tensor":
         num_items = torch.tensor(13, device=DEVICE)
-    return fused_linear_hrm_loss(
+    fn, kw = _loss(**kw)
+    return fn(
         _hidden(c, g("xs")), g("ws"), xt, wt, y, c["hrm"], student_bias=g("bs"), **teacher,
         student_logit_scale=c["s_scale"], student_softcap=c["s_cap"],
         temperature=c["t"], label_smoothing=c["eps"], kl_direction=c["direction"],
@@ -261,7 +270,7 @@ def test_linear_hrm_loss_no_grad_and_module():
                     student_bias=leaves["bs"], teacher_bias=leaves["bt"])
     torch.testing.assert_close(loss_ng, loss.detach())
     torch.testing.assert_close(loss_m, loss)
-    assert "impl='chunked'" in repr(module)
+    assert "chunk_budget_bytes=" in repr(module)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "fused"])
@@ -330,9 +339,9 @@ BAD = {
     "teacher-missing": (dict(teacher_weight=None), ValueError, "teacher_weight"),
     "logits-vocab": (dict(teacher_hidden=None, teacher_weight=None,
                           teacher_logits=torch.randn(2, 3, 12)), ValueError, "[..., :11]"),
-    "impl": (dict(impl="cce"), ValueError, "impl"),
+    "impl": (dict(impl="fused"), TypeError, "impl"),   # the tiles: hrmkernels.experimental
     "budget": (dict(chunk_budget_bytes=0), ValueError, "chunk_budget_bytes"),
-    "fused-backend": (dict(impl="fused", backend="torch"), ValueError, "backend"),
+    "fused-backend": (dict(tiles=True, backend="torch"), ValueError, "backend"),
     "hrm": (dict(hrm=-1.0), ValueError, "hrm"),
     "scale-zero": (dict(student_logit_scale=0.0), ValueError, "student_logit_scale must be a "
                    "positive finite float"),
@@ -353,10 +362,11 @@ BAD = {
 def test_linear_hrm_loss_bad_input(case):
     change, error, words = BAD[case]
     kw = {**_bad_inputs(), **change}
+    fn = tiled_linear_hrm_loss if kw.pop("tiles", False) else fused_linear_hrm_loss
     args = [kw.pop(k) for k in ("student_hidden", "student_weight", "teacher_hidden",
                                 "teacher_weight", "labels", "hrm")]
     with pytest.raises(error, match=words.replace("[", r"\[").replace(".", r"\.")):
-        fused_linear_hrm_loss(*args, **kw)
+        fn(*args, **kw)
 
 
 def test_linear_hrm_loss_module_bad_transform():
@@ -399,7 +409,7 @@ def test_linear_hrm_loss_full_size_cuda(impl):
     y = torch.randint(0, v, (n,), device=DEVICE)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = fused_linear_hrm_loss(xs, ws, xt, wt, y, 0.5, temperature=2.0, impl=impl)
+        loss = IMPLS[impl](xs, ws, xt, wt, y, 0.5, temperature=2.0)
         gx, gw = torch.autograd.grad(loss, (xs, ws))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -428,7 +438,7 @@ def test_linear_hrm_loss_without_a_teacher_is_the_fused_linear_cross_entropy(imp
     xs = torch.randn(7, 16, device=DEVICE, requires_grad=True)
     ws = torch.randn(37, 16, device=DEVICE, requires_grad=True)
     y = torch.randint(0, 37, (7,), device=DEVICE)
-    out = fused_linear_hrm_loss(xs, ws, None, None, y, 0.0, impl=impl, return_components=True)
+    out = IMPLS[impl](xs, ws, None, None, y, 0.0, return_components=True)
     expected = torch.nn.functional.cross_entropy(xs @ ws.T, y)
     torch.testing.assert_close(out.loss, expected)
     assert out.kl.item() == 0
@@ -437,3 +447,21 @@ def test_linear_hrm_loss_without_a_teacher_is_the_fused_linear_cross_entropy(imp
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="no teacher was given"):
         fused_linear_hrm_loss(xs, ws, None, None, y, 0.5)
+
+
+def test_linear_fp32_output_gemm_is_read_from_the_dispatcher(monkeypatch):
+    """Whether a bf16 GEMM can write fp32 is decided without running one (no error to catch: an
+    out-of-memory must not be taken for a missing kernel and cached)."""
+    from hrmkernels.autograd import linear_hrm_loss as impl
+
+    def no_products(*args, **kwargs):
+        raise AssertionError("a product ran to decide the capability")
+    monkeypatch.setattr(torch, "mm", no_products)
+    monkeypatch.setattr(torch, "addmm", no_products)
+    impl._fp32_out_gemm.cache_clear()
+    try:
+        assert impl._fp32_out_gemm("cpu", torch.bfloat16) is False
+        assert impl._fp32_out_gemm("cuda", torch.float32) is False   # fp32 needs no widening
+        assert isinstance(impl._fp32_out_gemm("cuda", torch.bfloat16), bool)
+    finally:
+        impl._fp32_out_gemm.cache_clear()

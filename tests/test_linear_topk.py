@@ -186,7 +186,7 @@ BAD = {
     "with-teacher-logits": (dict(teacher_logits=torch.randn(2, 3, 11)), ValueError,
                             "teacher_topk and teacher_logits"),
     "teacher-softcap": (dict(teacher_softcap=30.0), ValueError, "log-probabilities are used as"),
-    "fused": (dict(impl="fused"), ValueError, "impl='chunked'"),
+    "fused": (dict(impl="fused"), TypeError, "impl"),   # the tiles: hrmkernels.experimental
     "shape": (dict(teacher_topk=(torch.zeros(2, 4, 3, dtype=torch.long), torch.zeros(2, 4, 3))),
               ValueError, "student_hidden' leading shape"),
     "k>V": (dict(teacher_topk=(torch.zeros(2, 3, 12, dtype=torch.long), torch.zeros(2, 3, 12))),

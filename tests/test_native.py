@@ -337,14 +337,22 @@ def test_native_float64_grad(backend):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-def test_native_out_of_range_labels_are_nan_not_a_crash(backend):
+def test_native_out_of_range_labels(backend):
+    """CPU: the torch backend's ValueError, from the C++ kernels (also inside a compiled graph);
+    CUDA: NaN at those tokens and never a read out of bounds."""
     z, u = torch.randn(5, 4099, device=backend), torch.randn(5, 4099, device=backend)
     y = torch.tensor([1, 4099, -100, -2, 2**40], device=backend)
     zl = z.clone().requires_grad_()
+    if backend == "cpu":
+        with pytest.raises(ValueError, match="found 4099 at flat position 1"):
+            fused_hrm_loss(zl, u, y, 0.5, backend=backend)
+        with pytest.raises(ValueError, match="found -2 at flat position 3"):
+            native.hrm_loss_fwd(z[None], u[None], y.clone().fill_(1).index_fill_(0, torch.tensor(
+                [3]), -2), 0.5, 1.0, 0.0, -100, 0.0)
+        return
     loss = fused_hrm_loss(zl, u, y, 0.5, backend=backend, reduction="none")
     loss.sum().backward()
-    if backend == "cuda":
-        torch.cuda.synchronize()      # an out-of-bounds access would surface here
+    torch.cuda.synchronize()      # an out-of-bounds access would surface here
     assert torch.isnan(loss[[1, 3, 4]]).all() and loss[2] == 0 and torch.isfinite(loss[0])
     assert (zl.grad[2] == 0).all()
 

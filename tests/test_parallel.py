@@ -85,11 +85,33 @@ def _worker(rank, world, port, backend, results):
                 torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6,
                                            msg=lambda m: f"{backend} {name} {what}: {m}")
         _check_dtensor(world, backend)
+        _check_uneven_layout_is_read_once(world, backend)
         dist.barrier()   # no rank leaves while another still needs it
     except BaseException:
         verdict = traceback.format_exc()
     pathlib.Path(results, str(rank)).write_text(verdict)
     os._exit(0 if verdict == "ok" else 1)   # a failed rank ends the others (mp.spawn)
+
+
+def _check_uneven_layout_is_read_once(world, backend):
+    """The global V of an uneven layout (vocab_start_index) is all-reduced and read on the host
+    once per layout, not in every step: later steps make only the loss's two collectives."""
+    from hrmkernels import fused_hrm_loss
+    z, u, y = _global_inputs(world, dict(uneven=True))
+    lo, hi = _bounds(world, dist.get_rank(), z.shape[-1], True)
+    calls, all_reduce = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return all_reduce(*args, **kwargs)
+    dist.all_reduce = counting
+    try:
+        for _ in range(3):
+            fused_hrm_loss(z[..., lo:hi], u[..., lo:hi], y, 0.5, backend=backend,
+                           process_group=dist.group.WORLD, vocab_start_index=lo)
+    finally:
+        dist.all_reduce = all_reduce
+    assert len(calls) == 3 * 2, calls     # the cases above met this layout first
 
 
 def _check_dtensor(world, backend):
@@ -130,6 +152,66 @@ def test_hrm_loss_vocab_parallel_matches_reference(world, backend, tmp_path):
         mp.spawn(_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world)
     finally:
         for rank in range(world):
+            verdict = (tmp_path / str(rank)).read_text() if (tmp_path / str(rank)).exists() \
+                else "no result (the rank died before its checks ended)"
+            assert verdict == "ok", f"rank {rank}:\n{verdict}"
+
+
+def _ddp_worker(rank, world, port, backend, results):
+    """One rank of a DDP step whose ranks hold different token counts (9 and 3): each passes
+    num_items_in_batch = global count / world size, as TRL does, and DDP averages the gradients.
+    The averaged gradient must be the single-process gradient of the concatenated batch."""
+    import pathlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hrmkernels import fused_hrm_loss
+
+    verdict = "ok"
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        g = torch.Generator().manual_seed(3)
+        head = torch.nn.Linear(8, 29, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(29, 8, generator=g, dtype=torch.float64))
+        h = torch.randn(world, 12, 8, generator=g, dtype=torch.float64)
+        u = torch.randn(world, 12, 29, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 29, (world, 12), generator=g)
+        y[1, 3:] = -100                                   # rank 1 holds 3 tokens, rank 0 all 12
+        y[0, 9:] = -100                                   # rank 0: 9
+        local = torch.tensor(float((y[rank] != -100).sum()), dtype=torch.float64)
+        count = local.clone()
+        dist.all_reduce(count)                            # the global count: 12
+        ddp = DistributedDataParallel(head)
+        loss = fused_hrm_loss(ddp(h[rank]), u[rank], y[rank], 0.5, temperature=2.0,
+                              backend=backend, num_items_in_batch=count / world)
+        loss.backward()
+        ref_head = torch.nn.Linear(8, 29, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            ref_head.weight.copy_(head.weight)
+        ref = fused_hrm_loss(ref_head(h.reshape(-1, 8)), u.reshape(-1, 29), y.reshape(-1), 0.5,
+                             temperature=2.0, backend=backend)
+        ref.backward()
+        torch.testing.assert_close(head.weight.grad, ref_head.weight.grad, rtol=1e-10,
+                                   atol=1e-12)
+        del ddp
+        dist.barrier()
+    except BaseException:
+        verdict = traceback.format_exc()
+    pathlib.Path(results, str(rank)).write_text(verdict)
+    os._exit(0 if verdict == "ok" else 1)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="gloo on CPU processes")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_hrm_loss_num_items_in_batch_under_ddp_equals_one_big_batch(backend, tmp_path):
+    if backend == "cpu" and CPU_KERNELS_WHY is not None:
+        pytest.skip(f"backend='cpu' is not available: {CPU_KERNELS_WHY}")
+    try:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2)
+    finally:
+        for rank in range(2):
             verdict = (tmp_path / str(rank)).read_text() if (tmp_path / str(rank)).exists() \
                 else "no result (the rank died before its checks ended)"
             assert verdict == "ok", f"rank {rank}:\n{verdict}"

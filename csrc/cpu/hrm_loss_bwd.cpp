@@ -30,7 +30,8 @@ void grad_block(const BwdRow<F>& r, const F* z, const F* u, int64_t n, F* dz, F*
   using at::vec::fmsub;
   const V L2E(static_cast<F>(kLog2e)), LN2(static_cast<F>(kLn2)), LZ2(r.lz2), EPS_V(r.eps_v),
       G(r.g), KA(r.ka), LA2(r.la2), LB2(r.lb2), INV_T(r.inv_t), MU(r.mu), CQ(r.cq), CP(r.cp),
-      KL_QM(r.kl_qm), KL_PM(r.kl_pm), LOG2B(r.log2_beta), LOG2_1MB(r.log2_1mb), ZERO(0);
+      KL_QM(r.kl_qm), KL_PM(r.kl_pm), LOG2B(r.log2_beta), LOG2_1MB(r.log2_1mb), ZERO(0),
+      NEG_INF(-inf<F>());
   for (int64_t i = 0; i < n; i += V::size()) {
     ahead(i);
     const V zv = V::loadu(z + i);
@@ -42,16 +43,16 @@ void grad_block(const BwdRow<F>& r, const F* z, const F* u, int64_t n, F* dz, F*
       const V q = r.unit_t ? sm : lq.exp2(), p = lp.exp2();
       if constexpr (kDiv == Div::kForward) {
         d = fmadd(CQ, q - p, d);
-        if (kDu) e = V::blendv(ZERO, CP * p * fmsub(uv - zv, INV_T, MU), p > ZERO);
+        if (kDu) e = V::blendv(CP * p * fmsub(uv - zv, INV_T, MU), ZERO, uv == NEG_INF);
       } else if constexpr (kDiv == Div::kReverse) {
-        d = d + V::blendv(ZERO, CQ * q * fmsub(zv - uv, INV_T, MU), q > ZERO);
+        d = d + V::blendv(CQ * q * fmsub(zv - uv, INV_T, MU), ZERO, zv == NEG_INF);
         if (kDu) e = CP * (p - q);
       } else {
         const V x = lp + LOG2B, y = lq + LOG2_1MB;
         const V hi = at::vec::maximum(x, y), lo = at::vec::minimum(x, y);
         const V lm = fmadd((lo - hi).exp2().log1p(), L2E, hi);
-        d = d + V::blendv(ZERO, CQ * q * fmsub(lq - lm, LN2, KL_QM), q > ZERO);
-        if (kDu) e = V::blendv(ZERO, CP * p * fmsub(lp - lm, LN2, KL_PM), p > ZERO);
+        d = d + V::blendv(CQ * q * fmsub(lq - lm, LN2, KL_QM), ZERO, zv == NEG_INF);
+        if (kDu) e = V::blendv(CP * p * fmsub(lp - lm, LN2, KL_PM), ZERO, uv == NEG_INF);
       }
     }
     (G * d).store(dz + i);

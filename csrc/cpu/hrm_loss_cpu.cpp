@@ -1,5 +1,7 @@
 // The CPU implementations of the hrmkernels ops (schemas: csrc/hrm_loss.cpp): check the
-// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_kernels.cpp.
+// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_fwd.cpp and
+// hrm_loss_bwd.cpp (declared in hrm_loss_kernels.h).
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -22,10 +24,28 @@ math::Options<double> options(double hrm, double temperature, double label_smoot
   return {hrm, temperature, label_smoothing, beta, ignore_index};
 }
 
+// A label outside [0, V) that is not ignore_index: on CPU finding it costs one read of the
+// labels and no device sync, so the CPU kernels raise the torch backend's ValueError (the GPU
+// kernels make that row's loss NaN instead). Also inside a compiled graph, where Python checks
+// do not run.
+void check_label_range(const at::Tensor& labels, int64_t v, int64_t ignore_index) {
+  const at::Tensor y = labels.contiguous();
+  AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "check_label_range", [&] {
+    const index_t* data = y.data_ptr<index_t>();
+    for (int64_t i = 0; i < y.numel(); ++i) {
+      const int64_t label = data[i];
+      TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < v),
+                        "labels must lie in [0, ", v, ") or equal ignore_index=", ignore_index,
+                        "; found ", label, " at flat position ", i);
+    }
+  });
+}
+
 FwdOutputs hrm_loss_fwd_cpu(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
                             double hrm, double temperature, double label_smoothing,
                             int64_t ignore_index, double beta) {
   check_inputs(kCpu, z, u, labels, hrm, temperature, label_smoothing, beta);
+  check_label_range(labels, z.size(2), ignore_index);
   FwdOutputs out = empty_outputs(z, u, labels.size(0));
   const auto& [loss, ce, div, entropy, stats] = out;
   cpu::hrm_loss_fwd(z, u, labels, options(hrm, temperature, label_smoothing, ignore_index, beta),

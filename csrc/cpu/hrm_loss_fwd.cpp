@@ -105,7 +105,7 @@ void jsd_block(const F* z, const F* u, int64_t n, const JsdParams<F>& j, Vec<F>&
                Vec<F>& tq, const Ahead& ahead) {
   using V = Vec<F>;
   const V KA(j.ka), LA2(j.la2), LB2(j.lb2), LOG2B(j.log2_beta), LOG2_1MB(j.log2_1mb),
-      L2E(static_cast<F>(kLog2e)), ZERO(0);
+      L2E(static_cast<F>(kLog2e)), ZERO(0), NEG_INF(-inf<F>());
   for (int64_t i = 0; i < n; i += V::size()) {
     ahead(i);
     const V lp = at::vec::fmadd(V::loadu(u + i), KA, -LB2);
@@ -114,8 +114,8 @@ void jsd_block(const F* z, const F* u, int64_t n, const JsdParams<F>& j, Vec<F>&
     const V hi = at::vec::maximum(x, y), lo = at::vec::minimum(x, y);
     const V lm = at::vec::fmadd((lo - hi).exp2().log1p(), L2E, hi);
     const V p = lp.exp2(), q = lq.exp2();
-    tp = tp + V::blendv(ZERO, p * (lp - lm), p > ZERO);
-    tq = tq + V::blendv(ZERO, q * (lq - lm), q > ZERO);
+    tp = tp + V::blendv(p * (lp - lm), ZERO, lp == NEG_INF);
+    tq = tq + V::blendv(q * (lq - lm), ZERO, lq == NEG_INF);
   }
 }
 

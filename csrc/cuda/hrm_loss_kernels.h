@@ -1,6 +1,6 @@
 // Plain launchers for the fused HRM loss kernels (hrm_loss_kernels.cu): raw pointers, sizes,
 // element strides and a cudaStream_t. No torch headers, so that the kernels compile with nvcc
-// alone; the torch binding (hrm_loss.cpp) validates tensors and fills these structs.
+// alone; the torch binding (hrm_loss_cuda.cpp) validates tensors and fills these structs.
 //
 // Logits arrive as (B, S, V) row views with a unit last stride: row r = b * S + s starts at
 // ptr + b * stride_b + s * stride_s (element strides, int64).

@@ -4,19 +4,28 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (TOPK_MODES, _choice, check_num_items, check_options,
                                 check_teacher_topk, check_tensors, divergence_beta)
+from hrmkernels.kernels import check_label_range
 from hrmkernels.autograd.hrm_loss import HRMLossFunction, HRMTopKLossFunction
 from hrmkernels.autograd.vocab_parallel import VocabParallelHRMLossFunction, shard_layout
-from hrmkernels.api.reduction import HRMLoss, mean_denominator
+from hrmkernels.api.reduction import reduce_outputs
 
 
-def shift_for_next_token(labels, *logits):
-    """Unshifted (Hugging Face) labels -> the positions that predict them, as views:
-    labels[..., 1:] and each of `logits` (..., S, V) as [..., :-1, :]; None stays None."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() < 1 or any(
-            x is not None and x.dim() < 2 for x in logits):
+def next_token_labels(labels, rows_shape, ignore_index):
+    """Unshifted Hugging Face labels (..., S) -> the label each position predicts, same shape:
+    ``labels[..., 1:]`` with ignore_index appended, as transformers' ForCausalLMLoss pads them.
+    Only the labels move: the logits (or hidden states) are passed whole, the last position of
+    every sequence is an ignored row, and no N x V gradient is sliced or copied. `rows_shape`:
+    the shape the labels must have, the logits' without V (named in the error)."""
+    if not isinstance(labels, torch.Tensor):
+        return labels   # check_tensors names it
+    if labels.dim() < 1 or len(rows_shape) < 1:
         raise ValueError("shift_labels=True needs a sequence dimension: logits (..., S, V) and "
                          "labels (..., S)")
-    return (labels[..., 1:], *(x[..., :-1, :] if x is not None else None for x in logits))
+    if tuple(labels.shape) != tuple(rows_shape):
+        raise ValueError(f"with shift_labels=True, labels are unshifted (one per position, as "
+                         f"Hugging Face passes them) and must have shape {tuple(rows_shape)}, "
+                         f"the logits' without V; got {tuple(labels.shape)}")
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *,
@@ -106,8 +115,11 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         raise TypeError("fused_hrm_loss() is missing hrm (the weight of the KL term)")
     if teacher_logits is not None and teacher_topk is not None:
         raise TypeError("fused_hrm_loss() takes one teacher: teacher_logits or teacher_topk")
+    hrm, temperature, label_smoothing, ignore_index = check_options(
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+        jsd_beta, shift_labels)
     if teacher_logits is None and teacher_topk is None:
-        if isinstance(hrm, (int, float)) and hrm != 0:
+        if hrm != 0:
             raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but neither "
                              "teacher_logits nor teacher_topk was given (hrm=0 without a teacher "
                              "is the fused cross-entropy)")
@@ -115,47 +127,46 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         # memory, no second tensor; D = 0 exactly, and the backward never reads them at hrm = 0).
         teacher_logits = student_logits.detach() if isinstance(student_logits,
                                                                torch.Tensor) else student_logits
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta, shift_labels)
     if shift_labels:
-        labels, student_logits, teacher_logits = shift_for_next_token(labels, student_logits,
-                                                                      teacher_logits)
-        if teacher_topk is not None and isinstance(teacher_topk, (tuple, list)):
-            teacher_topk = shift_for_next_token(labels, *teacher_topk)[1:]
+        rows = student_logits.shape[:-1] if isinstance(student_logits, torch.Tensor) else ()
+        labels = next_token_labels(labels, rows, ignore_index)
     beta = divergence_beta(kl_direction, jsd_beta)
-    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta)
+    options = (hrm, temperature, label_smoothing, ignore_index, beta)
     sharded = process_group is not None or hasattr(student_logits, "to_local")   # or a DTensor
     if 0 < beta < 1 and sharded:
         raise ValueError("jsd_beta strictly between 0 and 1 needs the whole vocabulary on one "
                          "device (no process_group, no DTensor logits); 0 and 1 are the KLs")
     if teacher_topk is None:
+        v = None
         if sharded:
-            student_logits, teacher_logits, process_group, start, v_total = shard_layout(
+            student_logits, teacher_logits, process_group, start, v = shard_layout(
                 student_logits, teacher_logits, process_group, vocab_start_index)
         check_tensors(student_logits, teacher_logits, labels)
-        check_num_items(num_items_in_batch, student_logits.device, reduction)
-        impl = backends.resolve(backend, student_logits.device)
+        check_label_range(labels, v or student_logits.shape[-1], ignore_index)
+        num_items_in_batch = check_num_items(num_items_in_batch, student_logits.device, reduction)
+        impl = backends.resolve(backend, student_logits.device, dtype=_dtype(student_logits,
+                                                                             teacher_logits))
         args = (student_logits, teacher_logits, labels, *options, impl, bool(inplace_backward))
-        out = (VocabParallelHRMLossFunction.apply(*args, process_group, start, v_total) if sharded
+        out = (VocabParallelHRMLossFunction.apply(*args, process_group, start, v) if sharded
                else HRMLossFunction.apply(*args))
     elif sharded:
         raise ValueError("process_group (vocabulary parallelism) needs teacher_logits; a top-k "
                          "teacher is not sharded by vocabulary")
     else:
         check_teacher_topk(student_logits, teacher_topk, labels, topk_mode)
-        check_num_items(num_items_in_batch, student_logits.device, reduction)
-        impl = backends.resolve(backend, student_logits.device, topk=True)
+        check_label_range(labels, student_logits.shape[-1], ignore_index)
+        num_items_in_batch = check_num_items(num_items_in_batch, student_logits.device, reduction)
+        impl = backends.resolve(backend, student_logits.device, topk=True,
+                                dtype=_dtype(student_logits, teacher_topk[1]))
         out = HRMTopKLossFunction.apply(student_logits, *teacher_topk, labels, *options,
                                         topk_mode == "renormalize", impl, bool(inplace_backward))
-    if reduction == "none":
-        out = [t.view(labels.shape) for t in out]
-    else:
-        out = [t.sum() for t in out]
-        if reduction == "mean":
-            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
-            out = [t / denom for t in out]
-    loss, ce, kl, entropy = out
-    return HRMLoss(loss, ce.detach(), kl.detach(), entropy.detach()) if return_components else loss
+    return reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch,
+                          return_components, shifted=shift_labels)
+
+
+def _dtype(*tensors):
+    """float64 if an input is float64 (the backends that compute in float32 then step aside)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class FusedHRMLoss(torch.nn.Module):

@@ -1,8 +1,9 @@
 """fused_linear_hrm_loss / FusedLinearHRMLoss: the HRM loss from hidden states and LM heads.
 
 The loss of fused_hrm_loss on the logits ``hidden @ weight.T + bias`` of student and teacher,
-without materialising the N x V logits: impl="chunked" (stage 1) bounds them to a chunk of
-tokens, impl="fused" (stage 2, Triton) keeps them on chip. See linear_autograd.py.
+without materialising the N x V logits: token chunks bound them to a chunk (see
+autograd/linear_hrm_loss.py). hrmkernels.experimental.tiled_linear_hrm_loss runs the same
+loss on logit tiles kept on chip (Triton), which no measurement yet supports.
 """
 import math
 from numbers import Integral, Real
@@ -12,12 +13,12 @@ import torch
 from hrmkernels import backends
 from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, TOPK_MODES, _choice,
                                 check_num_items, check_options, check_topk_pair, divergence_beta)
-from hrmkernels.api.hrm_loss import shift_for_next_token
+from hrmkernels.api.hrm_loss import next_token_labels
 from hrmkernels.api.reduction import HRMLoss, mean_denominator
 from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
                                                  FusedLinearHRMFunction)
+from hrmkernels.kernels import check_label_range
 
-IMPLS = ("chunked", "fused")
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
 
 
@@ -141,22 +142,13 @@ def logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap, 
 
 
 def check_linear_options(impl, chunk_budget_bytes, backend):
-    _choice("impl", impl, IMPLS)
     if chunk_budget_bytes is not None and (isinstance(chunk_budget_bytes, bool) or not isinstance(
             chunk_budget_bytes, Integral) or chunk_budget_bytes <= 0):
         raise ValueError("chunk_budget_bytes must be a positive int or None, "
                          f"got {chunk_budget_bytes!r}")
     if impl == "fused" and backend not in ("auto", "triton"):
-        raise ValueError(f"impl='fused' is the Triton kernel: backend must be 'auto' or 'triton', "
-                         f"got {backend!r}")
-
-
-def _fused_kernels(device):
-    why = backends._why_unavailable("triton", device)
-    if why:
-        raise ValueError(f"impl='fused' is not available for {device} tensors: {why}")
-    from hrmkernels.kernels.triton import linear
-    return linear
+        raise ValueError(f"tiled_linear_hrm_loss is the Triton kernel: backend must be 'auto' or "
+                         f"'triton', got {backend!r}")
 
 
 def _autocast(tensors):
@@ -181,7 +173,7 @@ def _rows(t, size):
 
 def _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, teacher_logit_scale,
-                        teacher_softcap, impl):
+                        teacher_softcap):
     """A sparse teacher replaces the teacher's head: nothing else of the teacher is given."""
     given = [n for n, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                             ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits))
@@ -192,8 +184,6 @@ def _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight,
     if teacher_logit_scale != 1.0 or teacher_softcap is not None:
         raise ValueError("teacher_logit_scale and teacher_softcap transform the teacher head's "
                          "logits; teacher_topk log-probabilities are used as given")
-    if impl != "chunked":
-        raise ValueError(f"teacher_topk runs with impl='chunked', got impl={impl!r}")
     check_topk_pair(teacher_topk, student_hidden.shape[:-1], student_weight.shape[0],
                     student_hidden.device, "student_hidden")
     _choice("topk_mode", topk_mode, TOPK_MODES)
@@ -206,8 +196,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
-                          impl="chunked", chunk_budget_bytes=None, teacher_topk=None,
-                          topk_mode="rest"):
+                          chunk_budget_bytes=None, teacher_topk=None, topk_mode="rest"):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
 
     Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
@@ -225,9 +214,9 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         labels: (...) int64/int32, the leading shape of student_hidden.
         hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, jsd_beta,
             num_items_in_batch, return_components: as in fused_hrm_loss.
-        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels and uses
-            the hidden states (and teacher logits) of positions [..., :-1, :] against
-            labels[..., 1:].
+        shift_labels: as in fused_hrm_loss: True takes unshifted Hugging Face labels (the
+            hidden states' leading shape) and shifts them, never the hidden states: position i
+            predicts labels[..., i + 1], the last position of each sequence is ignored.
         student_logit_scale, teacher_logit_scale: positive floats (default 1.0) multiplying each
             model's logits (Cohere's ``logit_scale``; ``1 / logits_scaling`` for HyperCLOVA X).
         student_softcap, teacher_softcap: None (default) or a positive float c: the logits become
@@ -239,53 +228,62 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             student_hidden's leading shape, as in fused_hrm_loss (log-probabilities used as
             given, stored at T), in place of the teacher's hidden states and head (pass those as
             None): the offline or served teacher. Only the student's chunk logits exist; the
-            top-k launchers run on them (backends "torch" and "triton"; impl="chunked").
-        backend: the loss launchers impl="chunked" calls on each chunk ("auto", "triton",
-            "cuda", "torch"); impl="fused" takes only "auto" or "triton".
+            top-k launchers run on them (backends "torch" and "triton").
+        backend: the loss launchers called on each chunk ("auto", "triton", "cuda", "cpu",
+            "torch").
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
             since the chunk logits are always overwritten by their gradient.
-        impl: "chunked" (default, any device: torch GEMMs on token chunks with the fused loss
-            launchers) or "fused" (Triton; logit tiles stay on chip, nothing N x V is written).
-            "chunked" stays the default until a GPU benchmark shows "fused" is faster. "fused"
-            is for bf16/fp16 heads, or fp32 at matmul precision "medium" (tf32): fp32 at "high"
-            or "highest" and fp64 heads (multiplied in fp32) run there with small tiles, slowly;
-            "chunked" keeps fp64 and uses cuBLAS.
-        chunk_budget_bytes: upper bound on impl="chunked"'s per-chunk temporaries (default
-            1 GiB). The fp32 weight-gradient accumulator (V x H x 4 bytes) comes on top.
+        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB): the
+            student's fp32 chunk logits (overwritten by their gradient), the teacher's, and
+            the torch GEMMs' operands. The fp32 weight-gradient accumulator (V x H x 4
+            bytes) comes on top.
 
     Gradients reach the student hidden, weight and bias, and the teacher tensors that require
     them. Logits are formed in fp32 (never rounded to bf16, cf. Liger #1432) and the weight
     gradient accumulates in fp32. Under torch.autocast, hidden states, weights and biases are
     cast to autocast's dtype first, as F.linear would. No path synchronises the host.
     """
+    return _linear_hrm_loss("chunked", **locals())
+
+
+def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                     hrm, student_bias, teacher_bias, teacher_logits, temperature, ignore_index,
+                     reduction, label_smoothing, kl_direction, jsd_beta, num_items_in_batch,
+                     shift_labels, student_logit_scale, teacher_logit_scale, student_softcap,
+                     teacher_softcap, backend, return_components, inplace_backward,
+                     chunk_budget_bytes, teacher_topk=None, topk_mode="rest"):
+    """fused_linear_hrm_loss with impl "chunked" (token chunks, torch GEMMs, the loss launchers)
+    or "fused" (the Triton kernels of logit tiles on chip: hrmkernels.experimental)."""
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
      teacher_bias) = _autocast([student_hidden, student_weight, student_bias, teacher_hidden,
                                 teacher_weight, teacher_bias])
+    hrm, temperature, label_smoothing, ignore_index = check_options(
+        hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
+        jsd_beta, shift_labels)
+    if shift_labels and isinstance(student_hidden, torch.Tensor):
+        labels = next_token_labels(labels, student_hidden.shape[:-1], ignore_index)
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
-    check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction, backend,
-                  jsd_beta, shift_labels)
     if teacher_topk is not None:
+        if impl != "chunked":
+            raise ValueError("teacher_topk runs on the chunked fused_linear_hrm_loss, not on "
+                             "tiled_linear_hrm_loss")
         _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight,
                             teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                            teacher_logit_scale, teacher_softcap, impl)
+                            teacher_logit_scale, teacher_softcap)
     teacherless = teacher_hidden is None and teacher_logits is None and teacher_topk is None
     if teacherless and hrm != 0:
         raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
                          "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
                          "without a teacher is the fused linear cross-entropy)")
-    if shift_labels:
-        labels, student_hidden, teacher_hidden, teacher_logits = shift_for_next_token(
-            labels, student_hidden, teacher_hidden, teacher_logits)
-        if teacher_topk is not None:
-            teacher_topk = shift_for_next_token(labels, *teacher_topk)[1:]
     check_linear_options(impl, chunk_budget_bytes, backend)
     transforms = logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                                   teacher_softcap, teacher_logits)
     beta = divergence_beta(kl_direction, jsd_beta)
     device = student_hidden.device
-    check_num_items(num_items_in_batch, device, reduction)
+    num_items_in_batch = check_num_items(num_items_in_batch, device, reduction)
     v = student_weight.shape[0]
+    check_label_range(labels, v, ignore_index)
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
     topk = ()
     if teacherless or teacher_topk is not None:
@@ -299,7 +297,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
         heads += [None, None, None, _rows(teacher_logits, v)]
     y = labels.reshape(-1).contiguous()   # the kernels read labels densely
     # with_kl: report the divergence even at hrm == 0 (needs the teacher; 0 without one)
-    options = (float(hrm), float(temperature), float(label_smoothing), int(ignore_index), beta,
+    options = (hrm, temperature, label_smoothing, ignore_index, beta,
                bool(return_components) and not teacherless)
     denom = None
     if reduction == "mean":
@@ -307,13 +305,16 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
     elif reduction == "sum":
         denom = 1
     grad_enabled = torch.is_grad_enabled()
+    # float64 heads: chunk logits in float64, for a backend that computes in float64
+    wide = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                for t in (*heads, *topk[:2])) else None
     if impl == "chunked":
         budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
-        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms,
-                                             backends.resolve(backend, device, topk=bool(topk)),
+        launchers = backends.resolve(backend, device, topk=bool(topk), dtype=wide)
+        out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms, launchers,
                                              budget, grad_enabled, *topk)
     else:
-        kernels = _fused_kernels(device)
+        kernels = backends.resolve_linear_tiles(device, wide)
         # The kernels address weights by row stride and biases densely.
         heads = [t.contiguous() if t is not None and t.dim() == 1 else t for t in heads]
         heads = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in heads]
@@ -322,6 +323,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             out = [t.sum() / denom for t in out]
     if reduction == "none":
         out = [t.view(labels.shape) for t in out]
+        if shift_labels:   # the padded last position of each sequence is not returned
+            out = [t[..., :-1] for t in out]
     loss, ce, kl, entropy = out
     if not return_components:
         return loss
@@ -341,12 +344,12 @@ class FusedLinearHRMLoss(torch.nn.Module):
     def __init__(self, hrm, *, temperature=1.0, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-                 teacher_softcap=None, backend="auto", return_components=False, impl="chunked",
+                 teacher_softcap=None, backend="auto", return_components=False,
                  chunk_budget_bytes=None, topk_mode="rest"):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
                       backend, jsd_beta, shift_labels)
-        check_linear_options(impl, chunk_budget_bytes, backend)
+        check_linear_options("chunked", chunk_budget_bytes, backend)
         logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                          teacher_softcap)
         _choice("topk_mode", topk_mode, TOPK_MODES)
@@ -356,7 +359,7 @@ class FusedLinearHRMLoss(torch.nn.Module):
                             shift_labels=shift_labels, student_logit_scale=student_logit_scale,
                             teacher_logit_scale=teacher_logit_scale,
                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                            backend=backend, return_components=return_components, impl=impl,
+                            backend=backend, return_components=return_components,
                             chunk_budget_bytes=chunk_budget_bytes, topk_mode=topk_mode)
         self.hrm = hrm
 

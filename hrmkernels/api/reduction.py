@@ -1,4 +1,5 @@
-"""The result type of return_components=True and the denominator of reduction="mean"."""
+"""Reductions of the per-token outputs, their denominator and the result type of
+return_components=True."""
 from typing import NamedTuple
 
 import torch
@@ -25,12 +26,42 @@ class HRMLoss(_Parts):
 
 
 def mean_denominator(labels, ignore_index, num_items_in_batch):
-    """The denominator of reduction="mean", a 0-d device tensor never read on the host: max(n, 1)
-    for the n non-ignored tokens, or max(num_items_in_batch, 1). A num_items_in_batch below n
-    cannot count the tokens it covers (it would scale the loss up, or make 0 a sum): NaN then."""
+    """The denominator of reduction="mean", never read on the host: max(n, 1) for the call's n
+    non-ignored tokens, or `num_items_in_batch` (checked: None, a float or a 0-d tensor) as a
+    plain denominator, whatever n is: under DDP, TRL passes the global count / world_size, which
+    a rank holding more tokens than the average exceeds. A count of 0 means "no tokens": with
+    none here the loss is 0, with some the count cannot be theirs and the loss is NaN (decided
+    on the device). A Python float, or a float32 (int64 for n) 0-d tensor.
+    """
+    number = not isinstance(num_items_in_batch, torch.Tensor)
+    if number and num_items_in_batch is not None and num_items_in_batch > 0:
+        return num_items_in_batch
     n = (labels != ignore_index).sum()
     if num_items_in_batch is None:
         return n.clamp_min(1)
-    count = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
-             else max(int(num_items_in_batch), 1))
-    return torch.where(n > num_items_in_batch, float("nan"), count)
+    none_here = torch.where(n > 0, float("nan"), 1.0)
+    if number:
+        return none_here
+    count = num_items_in_batch.float()   # a CPU 0-d tensor stays there: read as a scalar
+    return torch.where(count > 0, count, none_here)
+
+
+def reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch, return_components,
+                   shifted=False):
+    """Per-token (loss, ce, div, entropy), each (N,), reduced as the API promises: "none" shaped
+    like the labels (without the padded last position of each sequence when `shifted`: the
+    shape of ``labels[..., 1:]``), "sum", or "mean" over mean_denominator. The loss, or
+    HRMLoss with detached parts."""
+    if reduction == "none":
+        out = [t.view(labels.shape) for t in out]
+        if shifted:
+            out = [t[..., :-1] for t in out]
+    else:
+        out = [t.sum() for t in out]
+        if reduction == "mean":
+            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
+            out = [t / denom for t in out]
+    loss, ce, div, entropy = out
+    if not return_components:
+        return loss
+    return HRMLoss(loss, ce.detach(), div.detach(), entropy.detach())

@@ -25,11 +25,11 @@ the chunk logits are fp32, the GEMM's fp32 accumulator unrounded, and so is the 
 Rounding the bf16 GEMM output to bf16 first costs 4-23% of gradient error (Liger #1432, fixed in
 Liger 0.8.5 the same way: an fp32-output GEMM on CUDA; a logit of 20 in bf16 is off by up to
 0.06, its probability by 6%). The price is 4 bytes instead of 2 per chunk logit, which
-chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=), probed once; a
-torch without it falls back to bf16-rounded logits. dz is rounded once to the
-weight's dtype for the two gradient GEMMs (as autograd through a bf16 lm_head would), and d W
-accumulates across chunks in fp32 (Liger #512/#827: bf16 accumulation diverges), rounded to the
-weight's dtype at the end.
+chunk_rows counts. On CUDA the fp32-output GEMM is torch.mm(..., out_dtype=), where the
+dispatcher has it; a torch without it falls back to bf16-rounded logits, with a warning. dz is
+rounded once to the weight's dtype for the two gradient GEMMs (as autograd through a bf16
+lm_head would), and d W accumulates across chunks in fp32 (Liger #512/#827: bf16 accumulation
+diverges), rounded to the weight's dtype at the end.
 
 For reduction "mean"/"sum" the per-row gradient is known in the forward (1 / denominator, a
 device tensor: no host sync), so the gradients are formed there and the backward only scales
@@ -37,27 +37,29 @@ them by grad_output (Liger's scheme: one GEMM fewer than recomputing). For "none
 the forward computes the per-row losses only and the backward recomputes the chunk logits.
 """
 import functools
+import warnings
 
 import torch
 
 
 @functools.cache
 def _fp32_out_gemm(device_type, dtype):
-    """Whether torch.mm/addmm take out_dtype=float32 for `dtype` operands here (CUDA, recent torch).
+    """Whether torch.mm and torch.addmm(out=) take out_dtype=float32 for `dtype` (bf16, fp16)
+    operands on `device_type`: read from the dispatcher, which registers aten::mm.dtype and
+    aten::addmm.dtype_out for CUDA (torch >= 2.8 CUDA builds), never by running a product."""
+    if device_type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has("aten::mm.dtype", "CUDA") and has("aten::addmm.dtype_out", "CUDA")
 
-    Probed once per (device type, dtype) on a 16 x 16 product; a missing kernel raises at dispatch,
-    on the host, so the probe never waits for the device.
-    """
-    if device_type != "cuda":
-        return False
-    try:
-        a = torch.zeros(16, 16, dtype=dtype, device=device_type)
-        c = torch.zeros(16, 16, dtype=torch.float32, device=device_type)
-        torch.mm(a, a, out_dtype=torch.float32)
-        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-        return True
-    except (RuntimeError, TypeError):
-        return False
+
+@functools.cache
+def _warn_rounded_logits(dtype):
+    warnings.warn(f"hrmkernels: this torch has no {dtype} GEMM with float32 output on CUDA "
+                  "(torch.mm(..., out_dtype=torch.float32), torch >= 2.8): fused_linear_hrm_loss "
+                  f"rounds its chunk logits to {dtype} before the loss, which cost Liger's "
+                  "fused-linear loss 4-23% of gradient error (Liger #1432). Upgrade torch, or "
+                  "pass float32 heads.", stacklevel=2)
 
 
 def acc_dtype(dtype):
@@ -75,6 +77,7 @@ def _logits(x, w, b):
     elif x.device.type == "cpu":   # no mixed-dtype GEMM: fp32 copies (w's per chunk; CPU is tests)
         z = x.to(acc) @ w.to(acc).T
     else:   # a torch without out_dtype GEMMs: logits rounded once to bf16 (Liger #1432's error)
+        _warn_rounded_logits(x.dtype)
         z = (x @ w.T).to(acc)
     return z.add_(b) if b is not None else z
 

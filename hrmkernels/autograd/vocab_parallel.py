@@ -26,7 +26,8 @@ def shard_layout(student_logits, teacher_logits, process_group, vocab_start_inde
 
     DTensor logits sharded on the last dimension become their local shards (the gradient flows
     back as a DTensor) on their mesh's group. Plain tensors: equal shards in rank order, unless
-    `vocab_start_index` is given; then the global V takes one all-reduce read on the host.
+    `vocab_start_index` is given; then the global V is the sum of the shards' sizes, all-reduced
+    once per (group, local size, start) and cached (no host sync in later steps).
     """
     if hasattr(student_logits, "to_local"):   # DTensor
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -39,11 +40,17 @@ def shard_layout(student_logits, teacher_logits, process_group, vocab_start_inde
     if vocab_start_index is None:
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
         return student_logits, teacher_logits, process_group, rank * v_local, world * v_local
-    on_cpu = dist.get_backend(process_group) == "gloo"
-    total = torch.tensor([v_local], device="cpu" if on_cpu else student_logits.device)
-    dist.all_reduce(total, group=process_group)
-    v_total = int(total.cpu()[0])  # sync-ok: uneven shards only, documented
-    return student_logits, teacher_logits, process_group, int(vocab_start_index), v_total
+    start = int(vocab_start_index)
+    key = (process_group, v_local, start)
+    if key not in _GLOBAL_V:   # every rank meets its first step with a layout here: collective
+        on_cpu = dist.get_backend(process_group) == "gloo"
+        total = torch.tensor([v_local], device="cpu" if on_cpu else student_logits.device)
+        dist.all_reduce(total, group=process_group)
+        _GLOBAL_V[key] = int(total.cpu()[0])  # sync-ok: once per shard layout
+    return student_logits, teacher_logits, process_group, start, _GLOBAL_V[key]
+
+
+_GLOBAL_V = {}   # (group, local V, start) -> global V of an uneven shard layout
 
 
 def _to_local(labels, start, v_local, ignore_index):
@@ -94,6 +101,7 @@ class VocabParallelHRMLossFunction(torch.autograd.Function):
         lse = m + torch.log(parts[:, :3])
         mu = parts[:, 3] / parts[:, 1 if reverse else 2]
         kl = mu + (lse[:, 2] - lse[:, 1] if reverse else lse[:, 1] - lse[:, 2])
+        mu = torch.where(kl.isnan(), kl, mu)   # a NaN divergence gives a NaN gradient
         kl = torch.where(kl < 0, 0.0, kl)
         valid = (labels >= 0) & (labels < v_total)
         z_y = torch.where(valid, parts[:, 4], torch.nan)

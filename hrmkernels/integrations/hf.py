@@ -27,9 +27,10 @@ are what dominates the memory of a distillation step at a 128k vocabulary).
   logits and ``FusedHRMLoss``, with a one-time warning. A config transform that hrmkernels
   does not map raises ``ValueError`` (never dropped silently); ``use_fused_linear=False``
   runs such a model on its logits.
-- Label shifting as in HF causal LMs: position i predicts ``labels[..., i + 1]`` (views, no
-  copies). A batch that carries ``shift_labels`` (padding-free collators) is used as is,
-  unshifted.
+- Label shifting as in HF causal LMs (``ForCausalLMLoss``): position i predicts
+  ``labels[..., i + 1]``; the labels are shifted and padded with -100, the hidden states and
+  logits are used whole (no slice, so no N x V or N x H gradient copy). A batch that carries
+  ``shift_labels`` (padding-free collators) is used as is.
 - A teacher vocabulary padded beyond the student's (Qwen2.5-7B: 152064 rows, 0.5B: 151936) is
   cut to the student's V as a view (``teacher_weight[:V]``, or ``teacher_logits[..., :V]``). A
   smaller one raises.
@@ -39,7 +40,7 @@ are what dominates the memory of a distillation step at a 128k vocabulary).
   batch. The trainer makes the Trainer count them for any model, and count ``labels[..., 1:]``.
 - Top-k teachers stored offline (``integrations.data.cache_teacher_topk``) or served: without a
   ``teacher_model``, the batch's ``teacher_topk_indices`` and ``teacher_topk_logprobs``
-  (..., k), aligned with the logits (position i: the distribution of token i + 1), are used
+  (..., S, k), aligned with the logits (position i: the distribution of token i + 1), are used
   (pass ``remove_unused_columns=False`` so that the Trainer keeps them), from the student's
   hidden states (``fused_linear_hrm_loss(teacher_topk=...)``): no N x V logits of any model.
   The Trainer checks that every cached row has one entry per input id and names the row that
@@ -272,10 +273,14 @@ def match_vocab(teacher_logits, vocab_size):
     return teacher_logits[..., :vocab_size]
 
 
-def _targets(inputs):
-    """The labels the loss compares the logits with: shift_labels, else labels[..., 1:]."""
+def _targets(inputs, ignore_index):
+    """The label of each position (B, S): the batch's shift_labels, else its labels shifted as
+    transformers' ForCausalLMLoss shifts them (labels[..., 1:], then ignore_index)."""
     shift_labels = inputs.get("shift_labels")
-    return shift_labels if shift_labels is not None else inputs["labels"][..., 1:]
+    if shift_labels is not None:
+        return shift_labels
+    labels = inputs["labels"]
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def _linear_options(loss_fn, chunk_budget_bytes):
@@ -314,13 +319,9 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
     if getattr(loss_fn, "shift_labels", False):
         raise ValueError("hrm_distillation_loss shifts the batch's labels itself: pass a "
                          "FusedHRMLoss with shift_labels=False")
-    labels = _targets(inputs)
-    shifted = inputs.get("shift_labels") is not None
+    labels = _targets(inputs, loss_fn.ignore_index)
     topk = tuple(inputs.get(key) for key in TOPK_KEYS)
     inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *TOPK_KEYS)}
-
-    def cut(x):   # the positions that predict a label
-        return x if shifted else x[..., :-1, :]
 
     # Vocabulary-parallel losses take logit shards: the fused-linear loss has no such mode.
     student = None
@@ -329,22 +330,21 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
             loss_fn.process_group is None:
         student = _split_or_warn(model)
     if student is None:
-        return _logits_loss(model, inputs, labels, cut, loss_fn, teacher_model, topk,
+        return _logits_loss(model, inputs, labels, loss_fn, teacher_model, topk,
                             num_items_in_batch, return_outputs)
     teacher = _split_or_warn(teacher_model) if teacher_model is not None else None
 
     def step():   # the whole loss inside the student's forward (see _through_wrapper)
         out = student.backbone(**inputs, use_cache=False)
-        h = cut(_last_hidden(out))
+        h = _last_hidden(out)
         w, b = student.head.weight, student.head.bias
         v = w.shape[0]
         with torch.no_grad():
             if teacher_model is None:   # an offline or served teacher: its top-k, no head
-                teacher_args = dict(teacher_hidden=None, teacher_weight=None,
-                                    teacher_topk=tuple(cut(t) for t in topk))
+                teacher_args = dict(teacher_hidden=None, teacher_weight=None, teacher_topk=topk)
             elif teacher is not None:
-                ht = cut(_last_hidden(_through_wrapper(
-                    teacher_model, lambda: teacher.backbone(**inputs, use_cache=False))))
+                ht = _last_hidden(_through_wrapper(
+                    teacher_model, lambda: teacher.backbone(**inputs, use_cache=False)))
                 tw, tb = teacher.head.weight, teacher.head.bias
                 if tw.shape[0] < v:
                     raise ValueError(f"the teacher's head has V={tw.shape[0]} rows, fewer than "
@@ -356,7 +356,7 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
             else:   # the teacher's own logits, transforms included
                 u = teacher_model(**inputs).logits
                 teacher_args = dict(teacher_hidden=None, teacher_weight=None,
-                                    teacher_logits=cut(match_vocab(u, v)))
+                                    teacher_logits=match_vocab(u, v))
         loss = fused_linear_hrm_loss(
             h, w, labels=labels, hrm=loss_fn.hrm, student_bias=b,
             num_items_in_batch=num_items_in_batch, **teacher_args, **student.kwargs("student"),
@@ -367,7 +367,7 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
     return (loss, outputs) if return_outputs else loss
 
 
-def _logits_loss(model, inputs, labels, cut, loss_fn, teacher_model, topk, num_items_in_batch,
+def _logits_loss(model, inputs, labels, loss_fn, teacher_model, topk, num_items_in_batch,
                  return_outputs):
     """The loss from the models' logits (N x V each): FusedHRMLoss on them, or on a top-k
     teacher carried by the batch."""
@@ -376,10 +376,10 @@ def _logits_loss(model, inputs, labels, cut, loss_fn, teacher_model, topk, num_i
     if teacher_model is not None:
         with torch.no_grad():
             teacher_logits = teacher_model(**inputs).logits
-        loss = loss_fn(cut(logits), cut(match_vocab(teacher_logits, logits.shape[-1])), labels,
+        loss = loss_fn(logits, match_vocab(teacher_logits, logits.shape[-1]), labels,
                        num_items_in_batch=num_items_in_batch)
     elif topk[0] is not None and topk[1] is not None:
-        loss = loss_fn(cut(logits), labels=labels, teacher_topk=tuple(cut(t) for t in topk),
+        loss = loss_fn(logits, labels=labels, teacher_topk=topk,
                        num_items_in_batch=num_items_in_batch)
     else:
         raise ValueError("no teacher: pass a teacher_model, or batches with "
@@ -440,7 +440,8 @@ class HRMDistillationTrainer(Trainer):
                 return_outputs=True, use_fused_linear=self.use_fused_linear,
                 chunk_budget_bytes=self.chunk_budget_bytes)
         if model.training:             # token sums: ce and kl are means over denom tokens
-            n = (_targets(inputs) != self.loss_fn.ignore_index).sum().to(ce.dtype)
+            n = (_targets(inputs, self.loss_fn.ignore_index) != self.loss_fn.ignore_index
+                 ).sum().to(ce.dtype)
             denom = n if num_items_in_batch is None else num_items_in_batch
             step = torch.stack([ce * denom, kl * denom, n])
             self._components = step if self._components is None else self._components + step

@@ -86,22 +86,21 @@ def hrm_divergence_loss(student_hidden_states, teacher_hidden_states, student_lm
         if softcap is not None:
             transforms[f"{who}_softcap"] = float(softcap)
     teacher_bias = _full(teacher_lm_head_bias)
-    # Token sums, divided here as TRL divides: under DDP, TRL's num_items_in_batch is the global
-    # count over the number of processes, which can be below one process's own count (a value
-    # fused_linear_hrm_loss's "mean" refuses as a miscount).
+    # TRL's num_items_in_batch is the denominator as given (under DDP the global count over the
+    # number of processes, which one process's own count may exceed); None: the counted tokens.
+    n_valid = (labels != IGNORE_INDEX).sum()
+    denom = n_valid.clamp_min(1) if num_items_in_batch is None else num_items_in_batch
     loss, ce, div = out = fused_linear_hrm_loss(
         student_hidden_states, _full(student_lm_head_weight), teacher_hidden_states,
         _full(teacher_lm_head_weight).detach(), labels, float(hrm),
         student_bias=_full(student_lm_head_bias),
         teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
         temperature=float(temperature), jsd_beta=float(beta), ignore_index=IGNORE_INDEX,
-        reduction="sum", backend=backend, return_components=True,
+        num_items_in_batch=num_items_in_batch, backend=backend, return_components=True,
         chunk_budget_bytes=chunk_budget_bytes, **transforms)
-    n_valid = (labels != IGNORE_INDEX).sum()
-    denom = n_valid.clamp_min(1) if num_items_in_batch is None else num_items_in_batch
-    if parts is not None:
-        parts.update(ce=ce, divergence=div)
-    return loss / denom, out.entropy, n_valid
+    if parts is not None:   # token sums, for logging
+        parts.update(ce=ce * denom, divergence=div * denom)
+    return loss, out.entropy * denom, n_valid
 
 
 class _LogParts:

@@ -27,3 +27,23 @@ the backward needs: (lse(z), lse(z / T), lse(u / T), mu, 0) for the KL, mu = E_p
 the JSD. The backward writes grad_r * d(loss_r) / dz into dz (which may alias z) and likewise
 into du unless it is None; grad (N,) fp32 may be a stride-0 expansion of a scalar.
 """
+import torch
+
+
+def host_checks(t):
+    """Whether the CPU-only input checks run on `t`: host memory, so reading it costs no device
+    synchronisation; not while torch.compile traces (the launchers' ops run them inside)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_label_range(labels, v, ignore_index):
+    """ValueError for a label outside [0, v) that is not ignore_index, where host_checks (the
+    C++ CPU kernels check the same in C++). Other devices' kernels make that token's loss NaN
+    instead (docs/design.md section 3)."""
+    if not host_checks(labels):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bad.any():  # sync-ok: CPU tensor
+        first = int(bad.reshape(-1).nonzero()[0, 0])  # sync-ok: CPU tensor
+        raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index={ignore_index}; "
+                         f"found {int(labels.reshape(-1)[first])} at flat position {first}")

@@ -8,15 +8,17 @@ section 1 (top-k: topk.py) instead of keeping an autograd graph over N x V tenso
 Math runs in float32, or float64 when an input is float64.
 
 The launchers call custom ops (torch.ops.hrmkernels.*_torch), which torch.compile treats as
-opaque calls: a compiled model runs these loops unchanged. The CPU label and index checks run
-inside the ops, so they also run in a compiled model; they are skipped only while tracing
-(torch.compiler.is_compiling()) and on other devices, where a bad label or index gives a NaN
-loss instead, as in the GPU kernels.
+opaque calls: a compiled model runs these loops unchanged. The CPU label and index checks
+(kernels.host_checks) run inside the ops, so they also run in a compiled model; they are skipped
+only while tracing and on other devices, where a bad label or index gives a NaN loss instead,
+as in the GPU kernels.
 """
 import math
 
 import torch
 from torch import Tensor
+
+from hrmkernels import kernels
 
 CHUNK_ELEMENTS = 1 << 21   # ~8 MB per fp32 temporary
 
@@ -33,21 +35,6 @@ def _rows(z):
 
 def _compute_dtype(z, u):
     return torch.promote_types(torch.promote_types(z.dtype, u.dtype), torch.float32)
-
-
-def _checking(t):
-    # On CPU the tensors are host memory: checking them costs no device synchronisation.
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _check_labels(labels, ignore_index, v):
-    if not _checking(labels):
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bad.any():  # sync-ok: CPU tensor
-        first = bad.nonzero()[0, 0]  # sync-ok: CPU tensor
-        raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index={ignore_index}; "
-                         f"found {labels[first]} at flat position {first}")
 
 
 def _ce(zc, y, v, eps):
@@ -75,7 +62,7 @@ def _entropy(a):
     m = torch.where(m == float("-inf"), 0.0, m)
     e = (a - m).exp()
     s = e.sum(-1)
-    return s.log() - (e * torch.where(e > 0, a - m, 0.0)).sum(-1) / s
+    return s.log() - (e * torch.where(a == float("-inf"), 0.0, a - m)).sum(-1) / s
 
 
 def _log_mix(lp, lq, beta):
@@ -83,15 +70,18 @@ def _log_mix(lp, lq, beta):
     return torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
 
 
-def _xlogy_diff(w, d):
-    """sum w * d over the last dimension, 0 where w == 0 (0 * log 0 = 0, even at d = inf)."""
-    return (w * torch.where(w > 0, d, 0.0)).sum(-1)
+def _xlogy_diff(w, x, d):
+    """sum w d over the last dimension, decided by w's logit x rather than by w, which may
+    underflow (docs/design.md, "Non-finite inputs"): 0 where x = -inf (0 * log 0 = 0, even at
+    d = inf), +inf where d = +inf (the other distribution is 0 there), NaN passes through."""
+    term = torch.where(d == float("inf"), float("inf"), w * d)
+    return torch.where(x == float("-inf"), 0.0, term).sum(-1)
 
 
 def _jsd_terms(lp, lq, beta):
     """KL(p || m) and KL(q || m) per row, m = beta p + (1 - beta) q, from log-probabilities."""
     lm = _log_mix(lp, lq, beta)
-    return _xlogy_diff(lp.exp(), lp - lm), _xlogy_diff(lq.exp(), lq - lm)
+    return _xlogy_diff(lp.exp(), lp, lp - lm), _xlogy_diff(lq.exp(), lq, lq - lm)
 
 
 def _divergence(a, b, lse_a, lse_b, beta):
@@ -103,18 +93,21 @@ def _divergence(a, b, lse_a, lse_b, beta):
     (kl_qm, kl_pm).
     """
     if beta in (0.0, 1.0):
-        w, d, lse_d = ((a - lse_a[:, None]).exp(), a - b, lse_b - lse_a) if beta == 1.0 else \
-            ((b - lse_b[:, None]).exp(), b - a, lse_a - lse_b)
+        x, d, lse_x, lse_d = (a, a - b, lse_a, lse_b - lse_a) if beta == 1.0 else \
+            (b, b - a, lse_b, lse_a - lse_b)
+        w = (x - lse_x[:, None]).exp()
         # Divided by sum(w), not 1: the rounding of lse would otherwise scale |d| ~ |logits| / T.
-        mu = _xlogy_diff(w, d) / w.sum(-1)
-        return (mu + lse_d).clamp_min(0), mu, torch.zeros_like(mu)
+        mu = _xlogy_diff(w, x, d) / w.sum(-1)
+        kl = mu + lse_d
+        # a NaN in the other stream (lse_d) reaches the backward through mu: a NaN gradient
+        return kl.clamp_min(0), torch.where(kl.isnan(), kl, mu), torch.zeros_like(mu)
     kl_pm, kl_qm = _jsd_terms(b - lse_b[:, None], a - lse_a[:, None], beta)
     return (beta * kl_pm + (1 - beta) * kl_qm).clamp_min(0), kl_qm, kl_pm
 
 
 def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
     v = z.shape[-1]
-    _check_labels(labels, ignore_index, v)
+    kernels.check_label_range(labels, v, ignore_index)
     dtype, eps = _compute_dtype(z, u), float(label_smoothing)
     n = labels.numel()
     ce, div, ent = (torch.empty(n, dtype=dtype, device=z.device) for _ in range(3))
@@ -140,6 +133,8 @@ def _fwd(z, u, labels, hrm, temperature, label_smoothing, ignore_index, beta):
 def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_index, beta, dz, du):
     v = z.shape[-1]
     dtype, eps, c = _compute_dtype(z, u), float(label_smoothing), hrm / temperature
+    # A masked entry (logit -inf) contributes 0, never 0 * inf; the guards test the logits, not
+    # `p > 0`, which would drop a NaN, also where p underflows (docs/design.md).
     for r0, r1, bi, s0, s1 in _rows(z):
         y = labels[r0:r1].long()
         keep = (y != ignore_index)[:, None]   # ignored rows: exact zeros (their stats are 0)
@@ -153,15 +148,15 @@ def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_in
             lq, lp = a - lse_a, b - lse_b
             q, p = lq.exp(), lp.exp()
             if beta == 1.0:     # log q - log p - KL = (a - b) - mu
-                d_z += c * torch.where(q > 0, q * ((a - b) - s3), 0.0)
+                d_z += c * torch.where(a == float("-inf"), 0.0, q * ((a - b) - s3))
                 d_u = c * (p - q)
             elif beta == 0.0:   # log p - log q - KL = (b - a) - mu
                 d_z += c * (q - p)
-                d_u = c * torch.where(p > 0, p * ((b - a) - s3), 0.0)
+                d_u = c * torch.where(b == float("-inf"), 0.0, p * ((b - a) - s3))
             else:               # JSD: (1 - beta) q (lq - lm - kl_qm), beta p (lp - lm - kl_pm)
                 lm = _log_mix(lp, lq, beta)
-                d_z += c * (1 - beta) * torch.where(q > 0, q * (lq - lm - s3), 0.0)
-                d_u = c * beta * torch.where(p > 0, p * (lp - lm - s4), 0.0)
+                d_z += c * (1 - beta) * torch.where(a == float("-inf"), 0.0, q * (lq - lm - s3))
+                d_u = c * beta * torch.where(b == float("-inf"), 0.0, p * (lp - lm - s4))
         if du is not None:
             du[bi, s0:s1] = torch.where(keep, d_u * g, 0.0) if d_u is not None else 0
         dz[bi, s0:s1] = torch.where(keep, d_z * g, 0.0)
@@ -170,7 +165,7 @@ def _bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, ignore_in
 # Top-k teachers: the math, the stats and the gradient are derived in topk.py.
 
 def _check_topk_indices(idx, v):
-    if not _checking(idx):
+    if not kernels.host_checks(idx):
         return
     bad = (idx < 0) | (idx >= v)
     if bad.any():  # sync-ok: CPU tensor
@@ -199,7 +194,7 @@ def _bucket_kl(log_w, log_v):
 def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_index, beta,
               renormalize):
     v, reverse, jsd = z.shape[-1], beta == 1.0, 0.0 < beta < 1.0
-    _check_labels(labels, ignore_index, v)
+    kernels.check_label_range(labels, v, ignore_index)
     _check_topk_indices(idx, v)
     dtype, eps = _compute_dtype(z, lp), float(label_smoothing)
     n = labels.numel()
@@ -221,7 +216,8 @@ def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_inde
                 kl_pm, slot3 = _jsd_terms(lt, ls, beta)
                 kl_c = beta * kl_pm + (1 - beta) * slot3
             else:
-                kl_c = _xlogy_diff(ls.exp(), ls - lt) if reverse else _xlogy_diff(lt.exp(), lt - ls)
+                kl_c = (_xlogy_diff(ls.exp(), ls, ls - lt) if reverse
+                        else _xlogy_diff(lt.exp(), lt, lt - ls))
             slot2 = lse_t
         else:
             lse_s = a.logsumexp(-1)
@@ -238,9 +234,9 @@ def _topk_fwd(z, idx, lp, labels, hrm, temperature, label_smoothing, ignore_inde
                 slot2 = torch.where(log_qr == float("-inf"), 0.0,
                                     log_qr - _log_mix(log_pr, log_qr, beta))
             elif reverse:
-                kl_c = _xlogy_diff(ls.exp(), ls - lt) + _bucket_kl(log_qr, log_pr)
+                kl_c = _xlogy_diff(ls.exp(), ls, ls - lt) + _bucket_kl(log_qr, log_pr)
             else:
-                kl_c = _xlogy_diff(lt.exp(), lt - ls) + _bucket_kl(log_pr, log_qr)
+                kl_c = _xlogy_diff(lt.exp(), lt, lt - ls) + _bucket_kl(log_pr, log_qr)
             if not jsd:   # L: outside the top-k the implied teacher is P q_v / Q = exp(a_v - L)
                 slot2 = torch.where(log_pr == float("-inf"), float("inf"), lse_r - log_pr)
         kl_c = torch.where(ok, kl_c.clamp_min(0), torch.nan)

@@ -45,8 +45,23 @@ def online_lse_h(m, s, h, x):
     alpha = tl.exp(m - m_safe)
     e = tl.exp(x - m_safe)
     shift = tl.where(s > 0.0, s * (m - m_safe), 0.0)     # s == 0 while m is -inf
-    h = alpha * (h + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_safe), 0.0), axis=0)
+    h = alpha * (h + shift) + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - m_safe)), axis=0)
     return m_new, s * alpha + tl.sum(e, axis=0), h, e, alpha
+
+
+@triton.jit
+def kl_term(e, x, w):
+    """e w, a term of the KL's weighted sum, decided by the logit x rather than by e = exp(x - m),
+    which may underflow: 0 where x = -inf (w is then infinite or NaN), +inf where w = +inf (the
+    other distribution is 0 there: the true KL is +inf), NaN passes (docs/design.md, "Non-finite
+    inputs")."""
+    return tl.where(x == float("-inf"), 0.0, tl.where(w == float("inf"), float("inf"), e * w))
+
+
+@triton.jit
+def rescale_add(t, alpha, add):
+    """t alpha + add, where t = +inf (an infinite KL) stays +inf under an alpha that underflows."""
+    return tl.where(t == float("inf"), t, t * alpha + add)
 
 
 @triton.jit
@@ -56,8 +71,8 @@ def log_mix(lp, lq, log_beta, log_1m_beta):
     -104, where p and q underflow), -inf where both are -inf (hi replaced by 0 in the exp)."""
     x = lp + log_beta
     w = lq + log_1m_beta
-    hi = tl.maximum(x, w)
-    lo = tl.minimum(x, w)
+    hi = tl.maximum(x, w, propagate_nan=tl.PropagateNan.ALL)   # a NaN makes m NaN
+    lo = tl.minimum(x, w, propagate_nan=tl.PropagateNan.ALL)
     return hi + tl.log(1.0 + tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi)))
 
 
@@ -66,19 +81,20 @@ def divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta, log_1m_be
                       REVERSE: tl.constexpr, JSD: tl.constexpr):
     """(G_z, G_u): T / hrm times the divergence's gradient in z and u, element by element, from
     a = z/T, b = u/T, q, p and the row's statistics (s3 = mu or KL(q || m), s4 = KL(p || m)).
-    A zero probability contributes 0, never 0 * inf."""
+    A masked entry (logit -inf) contributes 0, never 0 * inf: the guards test the logits, since
+    `p > 0` would also drop a NaN, even where p merely underflows."""
     if JSD:       # (1 - beta) q (lq - lm - KL(q || m)), beta p (lp - lm - KL(p || m))
         lq = a - lse_a
         lp = b - lse_b
         lm = log_mix(lp, lq, log_beta, log_1m_beta)
-        g_z = (1.0 - beta) * tl.where(q > 0.0, q * (lq - lm - s3), 0.0)
-        g_u = beta * tl.where(p > 0.0, p * (lp - lm - s4), 0.0)
+        g_z = (1.0 - beta) * tl.where(a == float("-inf"), 0.0, q * (lq - lm - s3))
+        g_u = beta * tl.where(b == float("-inf"), 0.0, p * (lp - lm - s4))
     elif REVERSE:   # log q - log p - KL = (a - b) - mu, s3 = mu = E_q[a - b]
-        g_z = tl.where(q > 0.0, q * ((a - b) - s3), 0.0)
+        g_z = tl.where(a == float("-inf"), 0.0, q * ((a - b) - s3))
         g_u = p - q
     else:           # log p - log q - KL = (b - a) - mu, s3 = mu = E_p[b - a]
         g_z = q - p
-        g_u = tl.where(p > 0.0, p * ((b - a) - s3), 0.0)
+        g_u = tl.where(b == float("-inf"), 0.0, p * ((b - a) - s3))
     return g_z, g_u
 
 

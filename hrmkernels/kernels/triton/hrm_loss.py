@@ -64,10 +64,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from hrmkernels.kernels import check_label_range
 from hrmkernels.kernels.triton.common import (MAXNREG_8_WARPS, block_v, custom_triton_op,
                                               device_of, divergence_args, divergence_grads,
-                                              log_mix, no_output, online_lse, online_lse_h,
-                                              store_ce_loss, store_ignored_row)
+                                              kl_term, log_mix, no_output, online_lse,
+                                              online_lse_h, rescale_add, store_ce_loss,
+                                              store_ignored_row)
 
 
 @triton.jit
@@ -115,9 +117,9 @@ def _hrm_loss_fwd_kernel(
             m_a, s_a, h, e_a, alpha_a = online_lse_h(m_a, s_a, h, a)
         m_b, s_b, e_b, alpha_b = online_lse(m_b, s_b, b)
         if REVERSE and not JSD:
-            t = t * alpha_a + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
+            t = rescale_add(t, alpha_a, tl.sum(kl_term(e_a, a, a - b), axis=0))
         elif not JSD:
-            t = t * alpha_b + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=0)
+            t = rescale_add(t, alpha_b, tl.sum(kl_term(e_b, b, b - a), axis=0))
         if SMOOTH:
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
     lse_z = m_z + tl.log(s_z)
@@ -136,8 +138,9 @@ def _hrm_loss_fwd_kernel(
             lm = log_mix(lp, lq, log_beta, log_1m_beta)
             q = tl.exp(lq)
             p = tl.exp(lp)
-            s3 += tl.sum(tl.where(q > 0.0, q * (lq - lm), 0.0), axis=0)
-            s4 += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), axis=0)
+            # masked entries (-inf) give 0, NaN passes (a `q > 0` guard would drop it)
+            s3 += tl.sum(tl.where(lq == float("-inf"), 0.0, q * (lq - lm)), axis=0)
+            s4 += tl.sum(tl.where(lp == float("-inf"), 0.0, p * (lp - lm)), axis=0)
         kl = beta * s4 + (1.0 - beta) * s3
     elif REVERSE:
         s3, s4 = t / s_a, zero   # mu
@@ -146,6 +149,7 @@ def _hrm_loss_fwd_kernel(
         s3, s4 = t / s_b, zero
         kl = s3 + lse_a - lse_b
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true D >= 0; NaN passes through
+    s3 = tl.where(kl != kl, kl, s3)   # a NaN divergence reaches the backward through mu
 
     store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
@@ -229,6 +233,7 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
                      label_smoothing: float, ignore_index: int, beta: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, v = labels.shape[0], z.shape[-1]
+    check_label_range(labels, v, ignore_index)   # CPU tensors (the interpreter) only
     loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
     stats = torch.empty(n, 5, dtype=torch.float32, device=z.device)
     scalars, flags = divergence_args(beta)

@@ -66,6 +66,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from hrmkernels.kernels import check_label_range
 from hrmkernels.kernels.triton.common import (block_v, custom_triton_op, device_of,
                                               divergence_args, log_mix, online_lse,
                                               online_lse_h, store_ce_loss, store_ignored_row)
@@ -389,6 +390,7 @@ def _hrm_loss_topk_fwd_op(z: Tensor, idx: Tensor, lp: Tensor, labels: Tensor, hr
                           beta: float, renormalize: bool
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, v, k = labels.shape[0], z.shape[-1], idx.shape[-1]
+    check_label_range(labels, v, ignore_index)   # CPU tensors (the interpreter) only
     loss, ce, kl, ent = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4))
     stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
     if n:
