@@ -180,6 +180,22 @@ def test_linear_hrm_loss_topk_holds_one_chunk_of_logits(monkeypatch):
     assert seen == [(1, 4, 197), (1, 4, 197), (1, 2, 197)]   # 10 rows
 
 
+
+def test_linear_hrm_loss_topk_default_budget_is_half_the_dense_one(monkeypatch):
+    """No teacher chunk exists with a top-k teacher: its default budget is 512 MiB (1024 rows
+    of fp32 logits at V = 128256, measured within a quarter of the logits path), the dense
+    path's 1 GiB."""
+    from hrmkernels.autograd import linear_hrm_loss as autograd
+    budgets = []
+    apply = autograd.ChunkedLinearHRMFunction.apply
+    monkeypatch.setattr(autograd.ChunkedLinearHRMFunction, "apply",
+                        lambda *a: budgets.append(a[12]) or apply(*a))
+    c = {**BASE, "dtype": torch.float32}
+    xs, ws, bs, topk, y = _inputs(c)
+    fused_linear_hrm_loss(xs, ws, None, None, y, 0.5, teacher_topk=topk, backend="torch")
+    fused_linear_hrm_loss(xs, ws, xs, ws, y, 0.5, backend="torch")
+    assert budgets == [1 << 29, 1 << 30]
+
 BAD = {
     "with-teacher-head": (dict(teacher_hidden=torch.randn(2, 3, 6), teacher_weight=torch.randn(
         11, 6)), ValueError, "pass teacher_hidden and teacher_weight as None"),

@@ -20,6 +20,10 @@ from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
 from hrmkernels.kernels import check_label_range
 
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
+# With a top-k teacher no teacher chunk exists and the student's chunk logits are the step's
+# largest tensor: half the budget (~1000 rows at V = 128256) keeps the step within a quarter of
+# the logits path's memory (0.99 GiB against 4.14, docs/integrations.md); 1 GiB took 0.36x.
+DEFAULT_TOPK_CHUNK_BUDGET = 1 << 29
 
 
 def _tensor(name, t):
@@ -233,7 +237,8 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             "torch").
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
             since the chunk logits are always overwritten by their gradient.
-        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB): the
+        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB, 512 MiB
+            with teacher_topk): the
             student's fp32 chunk logits (overwritten by their gradient), the teacher's, and
             the torch GEMMs' operands. The fp32 weight-gradient accumulator (V x H x 4
             bytes) comes on top.
@@ -309,7 +314,8 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
     wide = torch.float64 if any(t is not None and t.dtype == torch.float64
                                 for t in (*heads, *topk[:2])) else None
     if impl == "chunked":
-        budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
+        budget = (int(chunk_budget_bytes) if chunk_budget_bytes is not None else
+                  DEFAULT_TOPK_CHUNK_BUDGET if topk else DEFAULT_CHUNK_BUDGET)
         launchers = backends.resolve(backend, device, topk=bool(topk), dtype=wide)
         out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms, launchers,
                                              budget, grad_enabled, *topk)
