@@ -25,6 +25,14 @@ Providers (each as its users write it):
                            KL is the soft cross-entropy -sum p log q = KL + H(p): same gradient,
                            loss higher by hrm * H(p) (reported as loss_minus_hrm_teacher_entropy)
 
+Offline teacher (--providers hrmkernels-topk-fused-linear hrmkernels-topk-logits): the batch
+carries the teacher's top-k (--topk, default 64) ids and log-probabilities, computed before the
+step with hrmkernels.teacher_topk (a cache's columns); the step runs no teacher. Both run
+hrm_distillation_loss without a teacher_model (HRMDistillationTrainer's step on a cached
+dataset), from hidden states (fused-linear, chunks of --chunk-rows student rows: the budget
+is 4 V bytes a row, only student logits) or from the student's logits; they are compared with
+hrmkernels-topk-logits.
+
 Memory: each provider runs in its own process. After one warm-up step, each measured step
 starts with the gradients freed; the resident set before it is the baseline, the kernel's
 high-water mark is reset (/proc/self/clear_refs), and the peak after the step minus the
@@ -52,6 +60,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("hrmkernels-fused-linear", "hrmkernels-logits", "hf-reference", "liger", "torchtune")
+TOPK_PROVIDERS = ("hrmkernels-topk-fused-linear", "hrmkernels-topk-logits")
+TOPK = 64
 HRM = 0.5
 V, V_TEACHER = 128256, 128512
 STUDENT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=1,
@@ -99,11 +109,12 @@ def build(n_tokens, rows, vocab=V, teacher_vocab=V_TEACHER, student_config=STUDE
     return student, teacher, batch
 
 
-def step_fn(name, student, teacher, batch, chunk_rows=CHUNK_ROWS):
+def step_fn(name, student, teacher, batch, chunk_rows=CHUNK_ROWS, topk=TOPK):
     """The provider's step: a closure computing the loss (the caller runs the backward).
 
     chunk_rows: Liger's chunk_size, and hrmkernels' chunk budget in rows (student and teacher
-    fp32 logits, 8 V bytes a row; 1024 rows is the default budget's 1 GiB at V = 128256).
+    fp32 logits, 8 V bytes a row; 1024 rows is the default budget's 1 GiB at V = 128256; the
+    top-k providers: student logits only, 4 V bytes a row).
     """
     import torch
     import torch.nn.functional as F
@@ -111,6 +122,18 @@ def step_fn(name, student, teacher, batch, chunk_rows=CHUNK_ROWS):
     v = student.config.vocab_size
     labels = batch["labels"][:, 1:]
     model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if name in TOPK_PROVIDERS:
+        from hrmkernels import FusedHRMLoss, teacher_topk
+        from hrmkernels.integrations.hf import hrm_distillation_loss
+        with torch.no_grad():   # the offline teacher, before the step: what a cache holds
+            ht = teacher.model(**model_inputs, use_cache=False).last_hidden_state
+            idx, lp = teacher_topk(ht, teacher.lm_head.weight[:v], topk)
+        cached = {**batch, "teacher_topk_indices": idx.int(), "teacher_topk_logprobs": lp}
+        del ht
+        loss_fn = FusedHRMLoss(HRM)
+        fused = name == "hrmkernels-topk-fused-linear"
+        return lambda: hrm_distillation_loss(student, cached, loss_fn, use_fused_linear=fused,
+                                             chunk_budget_bytes=chunk_rows * 4 * v)
     if name.startswith("hrmkernels"):
         from hrmkernels import FusedHRMLoss
         from hrmkernels.integrations.hf import hrm_distillation_loss
@@ -196,12 +219,12 @@ def teacher_entropy(teacher, batch, v):
     return total / int((labels != -100).sum())
 
 
-def child(name, n_tokens, rows, repeats, chunk_rows):
+def child(name, n_tokens, rows, repeats, chunk_rows, topk=TOPK):
     """Run one provider; print one JSON line."""
     import torch
     torch.set_num_threads(os.cpu_count())
     student, teacher, batch = build(n_tokens, rows)
-    step = step_fn(name, student, teacher, batch, chunk_rows)
+    step = step_fn(name, student, teacher, batch, chunk_rows, topk)
     # The forward of the teacher runs inside the step: its activations count too, as in training.
 
     def one():
@@ -266,13 +289,18 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def _compare(results, against="hrmkernels-logits"):
-    """Relative differences of each provider's loss and gradient fingerprints from `against`'s."""
-    ref = next((r for r in results if r.get("provider") == against and "grads" in r), None)
-    if ref is None:
-        return
+def _against(provider):
+    """The logits path a provider is compared with: the dense one, or the top-k one."""
+    return "hrmkernels-topk-logits" if provider in TOPK_PROVIDERS else "hrmkernels-logits"
+
+
+def _compare(results):
+    """Relative differences of each provider's loss and gradient fingerprints from its logits
+    path's (_against)."""
     for r in results:
-        if "grads" not in r or r.get("n_tokens") != ref.get("n_tokens"):
+        ref = next((x for x in results if x.get("provider") == _against(r["provider"])
+                    and "grads" in x), None)
+        if ref is None or "grads" not in r or r.get("n_tokens") != ref.get("n_tokens"):
             continue   # another batch: nothing to compare with
         loss = r.get("loss_minus_hrm_teacher_entropy", r["loss"])
         r["loss_rel_diff"] = abs(loss - ref["loss"]) / abs(ref["loss"])
@@ -284,7 +312,6 @@ def _compare(results, against="hrmkernels-logits"):
 def table(result):
     """The markdown table of a result dict."""
     rows = result["results"]
-    base = next((r for r in rows if r["provider"] == "hrmkernels-logits" and "step_s" in r), None)
     lines = ["| provider | N | peak extra memory | vs logits path | step time (load) | loss | "
              "max rel. diff from logits path (loss, gradients) |",
              "|---|---|---|---|---|---|---|"]
@@ -294,6 +321,8 @@ def table(result):
             lines.append(f"| {r['provider']} | {n} | {r.get('status', 'failed')}: "
                          f"{r.get('reason', '')[:120]} | | | | |")
             continue
+        base = next((x for x in rows if x["provider"] == _against(r["provider"])
+                     and "step_s" in x), None)
         same_n = base and base.get("n_tokens") == r.get("n_tokens")
         ratio = f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x" if same_n else ""
         loss = f"{r['loss']:.5f}"
@@ -316,8 +345,11 @@ def markdown(result):
             f"student Llama (V = {setup['student']['vocab_size']}), teacher Qwen2 "
             f"(V = {setup['teacher']['vocab_size']} cut to the student's), hrm = {HRM}, T = 1, "
             f"chunks of {setup['chunk_rows']} rows (hrmkernels' budget and Liger's chunk_size). "
-            f"Peak extra memory: resident set, one process per provider.\n"
-            f"`{result['command']}` at {result['commit']}, {result['date']}.\n\n"
+            f"Peak extra memory: resident set, one process per provider."
+            + (f" hrmkernels-topk-*: an offline teacher, its top-{setup['topk']} computed before "
+               "the step (no teacher in the step), compared with hrmkernels-topk-logits."
+               if any(r["provider"] in TOPK_PROVIDERS for r in result["results"]) else "")
+            + f"\n`{result['command']}` at {result['commit']}, {result['date']}.\n\n"
             + table(result))
 
 
@@ -330,7 +362,10 @@ def main(argv=None):
                         "5.5 MB a token at this V: 22 GiB at N = 4096)")
     p.add_argument("--rows", type=int, default=4, help="sequences (default 4: 4 x 1025 tokens)")
     p.add_argument("--repeats", type=int, default=3, help="measured steps after a warm-up")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                   choices=PROVIDERS + TOPK_PROVIDERS)
+    p.add_argument("--topk", type=int, default=TOPK,
+                   help="k of the top-k providers' offline teacher (default 64)")
     p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
                    help="Liger's chunk_size and hrmkernels' chunk budget in rows (default 1024)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/distill-step-cpu-<date>"
@@ -339,7 +374,7 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return child(args.child, args.n, args.rows, args.repeats, args.chunk_rows)
+        return child(args.child, args.n, args.rows, args.repeats, args.chunk_rows, args.topk)
     if args.render:
         path = Path(args.render)
         path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())) + "\n")
@@ -360,7 +395,7 @@ def main(argv=None):
                         "student": {"arch": "llama", "vocab_size": V, **STUDENT},
                         "teacher": {"arch": "qwen2", "vocab_size": V_TEACHER, **TEACHER},
                         "prompt_tokens_ignored_per_row": PROMPT, "repeats": args.repeats,
-                        "chunk_rows": args.chunk_rows,
+                        "chunk_rows": args.chunk_rows, "topk": args.topk,
                         "hrmkernels_chunk_budget_bytes": args.chunk_rows * 8 * V,
                         "liger_chunk_size": args.chunk_rows, "torchtune_chunks": TT_CHUNKS},
               "results": []}
@@ -370,7 +405,7 @@ def main(argv=None):
         n = args.reference_n if name == "hf-reference" and args.reference_n else args.n
         cmd = [sys.executable, "-m", "benchmarks.distill_step_cpu", "--child", name,
                "--n", str(n), "--rows", str(args.rows), "--repeats", str(args.repeats),
-               "--chunk-rows", str(args.chunk_rows)]
+               "--chunk-rows", str(args.chunk_rows), "--topk", str(args.topk)]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               cwd=RESULTS.parents[1])

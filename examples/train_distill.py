@@ -100,11 +100,15 @@ class GPT(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx):                                          # idx: (B, T) int64
+    def hidden(self, idx):                                           # idx: (B, T) int64
+        """The final hidden states (B, T, C), what lm_head maps to the logits."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))                            # logits: (B, T, V)
+        return self.ln_f(x)
+
+    def forward(self, idx):
+        return self.lm_head(self.hidden(idx))                        # logits: (B, T, V)
 
 
 # ----------------------------------------------------------------------------- data

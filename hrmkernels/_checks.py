@@ -187,6 +187,14 @@ def check_teacher_topk(student_logits, teacher_topk, labels, topk_mode):
     """Validate a sparse teacher ``(indices, logprobs)``, each (..., k), with the student and
     labels."""
     check_tensors(student_logits, student_logits, labels)   # the student and label checks
+    check_topk_pair(teacher_topk, tuple(student_logits.shape[:-1]), student_logits.shape[-1],
+                    student_logits.device, "student_logits")
+    _choice("topk_mode", topk_mode, TOPK_MODES)
+
+
+def check_topk_pair(teacher_topk, lead, v, device, student):
+    """Validate ``teacher_topk = (indices, logprobs)`` against a student of leading shape `lead`
+    and vocabulary `v` on `device`; `student` names the student's tensor in messages."""
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors shaped "
                         f"(..., k), got {type(teacher_topk).__name__}")
@@ -194,17 +202,17 @@ def check_teacher_topk(student_logits, teacher_topk, labels, topk_mode):
     for name, t in (("indices", idx), ("logprobs", logp)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"teacher_topk {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != student_logits.device:
-            raise ValueError(f"teacher_topk {name} is on {t.device} but student_logits is on "
-                             f"{student_logits.device}; all tensors must share one device")
+        if t.device != device:
+            raise ValueError(f"teacher_topk {name} is on {t.device} but {student} is on "
+                             f"{device}; all tensors must share one device")
     if idx.dtype not in LABEL_DTYPES:
         raise TypeError(f"teacher_topk indices must be int64 or int32, got {idx.dtype}")
     if logp.dtype not in FLOAT_DTYPES:
         raise TypeError(f"teacher_topk logprobs must be float32, bfloat16, float16 or float64, "
                         f"got {logp.dtype}")
-    lead, v = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    lead = tuple(lead)
     if idx.dim() != len(lead) + 1 or tuple(idx.shape[:-1]) != lead or idx.shape[-1] < 1:
-        raise ValueError(f"teacher_topk indices must have shape {lead + ('k',)} (student_logits' "
+        raise ValueError(f"teacher_topk indices must have shape {lead + ('k',)} ({student}' "
                          f"leading shape, then k >= 1), got {tuple(idx.shape)}")
     if logp.shape != idx.shape:
         raise ValueError(f"teacher_topk logprobs must have the indices' shape {tuple(idx.shape)}, "
@@ -215,4 +223,3 @@ def check_teacher_topk(student_logits, teacher_topk, labels, topk_mode):
     if logp.requires_grad:
         raise ValueError("teacher_topk logprobs require grad, but a top-k teacher gets no "
                          "gradient: pass logprobs.detach()")
-    _choice("topk_mode", topk_mode, TOPK_MODES)

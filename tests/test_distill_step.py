@@ -41,6 +41,14 @@ def test_each_provider_computes_the_logits_paths_loss_and_gradients(name):
         assert ((grads[n] - g).norm() / g.norm()).item() <= 1e-5, n
 
 
+def test_the_topk_fused_linear_step_equals_the_topk_logits_step():
+    loss, grads, _, _ = _run("hrmkernels-topk-fused-linear")
+    ref_loss, ref_grads, _, _ = _run("hrmkernels-topk-logits")
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for n, g in ref_grads.items():
+        assert ((grads[n] - g).norm() / g.norm()).item() <= 1e-5, n
+
+
 def test_table_marks_a_failed_provider_and_ratios():
     rows = [{"provider": "hrmkernels-logits", "peak_extra_bytes": 2 ** 31, "step_s": 2.0,
              "loss": 1.0, "grads": {"head": {"norm": 1.0, "dot": 2.0}}},

@@ -140,7 +140,7 @@ def test_hrm_loss_components_are_detached_and_consistent():
 def test_public_api_is_exactly_the_design():
     assert set(hrmkernels.__all__) == {"FusedHRMLoss", "HRMLoss", "available_backends",
                                        "fused_hrm_loss", "FusedLinearHRMLoss",
-                                       "fused_linear_hrm_loss"}
+                                       "fused_linear_hrm_loss", "teacher_sample", "teacher_topk"}
     assert all(hasattr(hrmkernels, name) for name in hrmkernels.__all__)
 
 

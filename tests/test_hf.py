@@ -149,7 +149,8 @@ def test_hrm_distillation_loss_shifts_labels_and_matches_the_reference():
                                expected * 25 / (batch["labels"][:, 1:] != -100).sum())
 
 
-def test_hrm_distillation_loss_with_an_offline_topk_teacher():
+@pytest.mark.parametrize("use_fused_linear", [True, False])
+def test_hrm_distillation_loss_with_an_offline_topk_teacher(use_fused_linear):
     student, teacher = _models()
     batch = _batch(_rows(2))
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_hrm_distillation_loss_with_an_offline_topk_teacher():
     lp, idx = torch.log_softmax(u, -1).topk(8, -1)      # stored per position, like the logits
     batch.update(teacher_topk_indices=idx, teacher_topk_logprobs=lp)
     loss_fn = FusedHRMLoss(0.5, backend="torch", topk_mode="renormalize")
-    loss = hrm_distillation_loss(student, batch, loss_fn)
+    loss = hrm_distillation_loss(student, batch, loss_fn, use_fused_linear=use_fused_linear)
     z = student(input_ids=batch["input_ids"]).logits
     expected = hrm_loss_topk_reference(z[:, :-1], (idx[:, :-1], lp[:, :-1]), batch["labels"][:, 1:],
                                        0.5, topk_mode="renormalize")

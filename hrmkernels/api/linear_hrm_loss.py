@@ -11,8 +11,8 @@ from numbers import Integral, Real
 import torch
 
 from hrmkernels import backends
-from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_num_items,
-                                check_options, divergence_beta)
+from hrmkernels._checks import (FLOAT_DTYPES, LABEL_DTYPES, TOPK_MODES, _choice,
+                                check_num_items, check_options, check_topk_pair, divergence_beta)
 from hrmkernels.api.hrm_loss import next_token_labels
 from hrmkernels.api.reduction import HRMLoss, mean_denominator
 from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
@@ -20,6 +20,10 @@ from hrmkernels.autograd.linear_hrm_loss import (ChunkedLinearHRMFunction,
 from hrmkernels.kernels import check_label_range
 
 DEFAULT_CHUNK_BUDGET = 1 << 30   # bytes of chunk temporaries: ~820 tokens per chunk at V=128256
+# With a top-k teacher no teacher chunk exists and the student's chunk logits are the step's
+# largest tensor: half the budget (~1000 rows at V = 128256) keeps the step within a quarter of
+# the logits path's memory (0.99 GiB against 4.14, docs/integrations.md); 1 GiB took 0.36x.
+DEFAULT_TOPK_CHUNK_BUDGET = 1 << 29
 
 
 def _tensor(name, t):
@@ -171,6 +175,24 @@ def _rows(t, size):
     return t if t.stride(-1) == 1 or size == 1 else t.contiguous()
 
 
+def _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits, teacher_logit_scale,
+                        teacher_softcap):
+    """A sparse teacher replaces the teacher's head: nothing else of the teacher is given."""
+    given = [n for n, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                            ("teacher_bias", teacher_bias), ("teacher_logits", teacher_logits))
+             if t is not None]
+    if given:
+        raise ValueError(f"teacher_topk is the teacher: pass teacher_hidden and teacher_weight as "
+                         f"None (got teacher_topk and {', '.join(given)})")
+    if teacher_logit_scale != 1.0 or teacher_softcap is not None:
+        raise ValueError("teacher_logit_scale and teacher_softcap transform the teacher head's "
+                         "logits; teacher_topk log-probabilities are used as given")
+    check_topk_pair(teacher_topk, student_hidden.shape[:-1], student_weight.shape[0],
+                    student_hidden.device, "student_hidden")
+    _choice("topk_mode", topk_mode, TOPK_MODES)
+
+
 def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                           hrm, *, student_bias=None, teacher_bias=None, teacher_logits=None,
                           temperature=1.0, ignore_index=-100, reduction="mean",
@@ -178,7 +200,7 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
                           num_items_in_batch=None, shift_labels=False, student_logit_scale=1.0,
                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                           backend="auto", return_components=False, inplace_backward=False,
-                          chunk_budget_bytes=None):
+                          chunk_budget_bytes=None, teacher_topk=None, topk_mode="rest"):
     """fused_hrm_loss on ``hidden @ weight.T + bias`` of student and teacher, no N x V logits.
 
     Same loss, keywords and results as :func:`hrmkernels.fused_hrm_loss` applied to the logits
@@ -206,11 +228,17 @@ def fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden, teache
             CE sees the transformed student logits; the divergence sees them divided by T.
             Precomputed ``teacher_logits`` are used as given (the teacher keywords must then
             keep their defaults).
+        teacher_topk, topk_mode: a sparse teacher ``(indices, logprobs)``, each (..., k) with
+            student_hidden's leading shape, as in fused_hrm_loss (log-probabilities used as
+            given, stored at T), in place of the teacher's hidden states and head (pass those as
+            None): the offline or served teacher. Only the student's chunk logits exist; the
+            top-k launchers run on them (backends "torch" and "triton").
         backend: the loss launchers called on each chunk ("auto", "triton", "cuda", "cpu",
             "torch").
         inplace_backward: accepted for symmetry with fused_hrm_loss; it changes nothing here,
             since the chunk logits are always overwritten by their gradient.
-        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB): the
+        chunk_budget_bytes: upper bound on the per-chunk temporaries (default 1 GiB, 512 MiB
+            with teacher_topk): the
             student's fp32 chunk logits (overwritten by their gradient), the teacher's, and
             the torch GEMMs' operands. The fp32 weight-gradient accumulator (V x H x 4
             bytes) comes on top.
@@ -228,7 +256,7 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
                      reduction, label_smoothing, kl_direction, jsd_beta, num_items_in_batch,
                      shift_labels, student_logit_scale, teacher_logit_scale, student_softcap,
                      teacher_softcap, backend, return_components, inplace_backward,
-                     chunk_budget_bytes):
+                     chunk_budget_bytes, teacher_topk=None, topk_mode="rest"):
     """fused_linear_hrm_loss with impl "chunked" (token chunks, torch GEMMs, the loss launchers)
     or "fused" (the Triton kernels of logit tiles on chip: hrmkernels.experimental)."""
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -241,7 +269,14 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
         labels = next_token_labels(labels, student_hidden.shape[:-1], ignore_index)
     check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, teacher_logits, labels)
-    teacherless = teacher_hidden is None and teacher_logits is None
+    if teacher_topk is not None:
+        if impl != "chunked":
+            raise ValueError("teacher_topk runs on the chunked fused_linear_hrm_loss, not on "
+                             "tiled_linear_hrm_loss")
+        _check_topk_teacher(teacher_topk, topk_mode, student_hidden, student_weight,
+                            teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                            teacher_logit_scale, teacher_softcap)
+    teacherless = teacher_hidden is None and teacher_logits is None and teacher_topk is None
     if teacherless and hrm != 0:
         raise ValueError(f"hrm={hrm} weighs a divergence to a teacher, but no teacher was given: "
                          "pass teacher_hidden and teacher_weight, or teacher_logits= (hrm=0 "
@@ -255,8 +290,11 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
     v = student_weight.shape[0]
     check_label_range(labels, v, ignore_index)
     heads = [_rows(student_hidden, student_hidden.shape[-1]), student_weight, student_bias]
-    if teacherless:
+    topk = ()
+    if teacherless or teacher_topk is not None:
         heads += [None, None, None, None]
+        if teacher_topk is not None:   # (N, k) rows
+            topk = (*(_rows(t, t.shape[-1]) for t in teacher_topk), topk_mode == "renormalize")
     elif teacher_logits is None:
         heads += [_rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
                   None]
@@ -273,12 +311,14 @@ def _linear_hrm_loss(impl, student_hidden, student_weight, teacher_hidden, teach
         denom = 1
     grad_enabled = torch.is_grad_enabled()
     # float64 heads: chunk logits in float64, for a backend that computes in float64
-    wide = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in heads) else None
+    wide = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                for t in (*heads, *topk[:2])) else None
     if impl == "chunked":
-        budget = DEFAULT_CHUNK_BUDGET if chunk_budget_bytes is None else int(chunk_budget_bytes)
-        launchers = backends.resolve(backend, device, dtype=wide)
+        budget = (int(chunk_budget_bytes) if chunk_budget_bytes is not None else
+                  DEFAULT_TOPK_CHUNK_BUDGET if topk else DEFAULT_CHUNK_BUDGET)
+        launchers = backends.resolve(backend, device, topk=bool(topk), dtype=wide)
         out = ChunkedLinearHRMFunction.apply(*heads, y, denom, options, transforms, launchers,
-                                             budget, grad_enabled)
+                                             budget, grad_enabled, *topk)
     else:
         kernels = backends.resolve_linear_tiles(device, wide)
         # The kernels address weights by row stride and biases densely.
@@ -311,13 +351,14 @@ class FusedLinearHRMLoss(torch.nn.Module):
                  label_smoothing=0.0, kl_direction="forward", jsd_beta=None, shift_labels=False,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
                  teacher_softcap=None, backend="auto", return_components=False,
-                 chunk_budget_bytes=None):
+                 chunk_budget_bytes=None, topk_mode="rest"):
         super().__init__()
         check_options(hrm, temperature, ignore_index, reduction, label_smoothing, kl_direction,
                       backend, jsd_beta, shift_labels)
         check_linear_options("chunked", chunk_budget_bytes, backend)
         logit_transforms(student_logit_scale, teacher_logit_scale, student_softcap,
                          teacher_softcap)
+        _choice("topk_mode", topk_mode, TOPK_MODES)
         self.options = dict(temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing,
                             kl_direction=kl_direction, jsd_beta=jsd_beta,
@@ -325,16 +366,17 @@ class FusedLinearHRMLoss(torch.nn.Module):
                             teacher_logit_scale=teacher_logit_scale,
                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                             backend=backend, return_components=return_components,
-                            chunk_budget_bytes=chunk_budget_bytes)
+                            chunk_budget_bytes=chunk_budget_bytes, topk_mode=topk_mode)
         self.hrm = hrm
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                 student_bias=None, teacher_bias=None, teacher_logits=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, teacher_topk=None):
         return fused_linear_hrm_loss(student_hidden, student_weight, teacher_hidden,
                                      teacher_weight, labels, self.hrm, student_bias=student_bias,
                                      teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-                                     num_items_in_batch=num_items_in_batch, **self.options)
+                                     num_items_in_batch=num_items_in_batch,
+                                     teacher_topk=teacher_topk, **self.options)
 
     def extra_repr(self):
         return f"hrm={self.hrm}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

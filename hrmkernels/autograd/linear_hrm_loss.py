@@ -11,7 +11,9 @@ teacher head, in TRL's order (softcap None: no tanh), before / T:
     logits = c tanh(s x / c)     d logits / d x = s (1 - (logits / c)^2)
     logits = s x                 d logits / d x = s                      (no softcap)
 
-with x = hidden @ W^T + b; CE sees these logits. Precomputed teacher logits are used as given.
+with x = hidden @ W^T + b; CE sees these logits. Precomputed teacher logits are used as given,
+and so is a sparse teacher (top-k ids and log-probabilities, N x k): then only the student's
+chunk logits exist, and the backends' top-k launchers (kernels/triton/topk.py) run on them.
 
 Stage 1 (ChunkedLinearHRMFunction). Token chunks of `rows` rows: logits = x @ W^T (+ b) with
 torch's GEMM, the existing loss launchers (backends.py) on the chunk, and the head gradients
@@ -146,8 +148,11 @@ def _head_grads(d, x, w, gx, gw, gb):
 
 
 def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=None,
-           want=(False,) * 7):
+           want=(False,) * 7, topk=None):
     """One pass over the token chunks.
+
+    topk: None (the teacher is xt, wt, bt or u), or a sparse teacher (idx, lp, renormalize):
+    ids and log-probabilities (N, k) for the top-k launchers of `impl` (xt = wt = bt = u = None).
 
     stats None: run the forward launcher; returns per-row loss, ce, kl, entropy and the launcher's
     per-row statistics for its backward (opaque here). Else stats holds those, from the
@@ -169,6 +174,20 @@ def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=N
                             else torch.empty_like(t, memory_format=torch.contiguous_format))
     teacher_grad = hrm > 0 and any(want[3:])
     need_teacher = (hrm > 0 or (with_kl and stats is None))
+    if topk is None:
+        def fwd(z, t, y):
+            return impl.hrm_loss_fwd(z, t, y, hrm, temperature, eps, ignore_index, beta)
+
+        def bwd(z, t, y, st, g, du):   # dz overwrites z
+            impl.hrm_loss_bwd(z, t, y, st, g, hrm, temperature, eps, ignore_index, beta, z, du)
+    else:
+        def fwd(z, t, y):
+            return impl.hrm_loss_topk_fwd(z, *t, y, hrm, temperature, eps, ignore_index, beta,
+                                          topk[2])
+
+        def bwd(z, t, y, st, g, du):
+            impl.hrm_loss_topk_bwd(z, *t, y, st, g, hrm, temperature, eps, ignore_index, beta,
+                                   topk[2], z)
     outs = []
     for r0 in range(0, n, rows):
         # Release the previous chunk's logits before forming this chunk's: rebinding alone
@@ -177,14 +196,19 @@ def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=N
         r1 = min(n, r0 + rows)
         y = labels[r0:r1]
         z = _transform(_logits(xs[r0:r1], ws, bs), s_scale, s_cap)
-        if not need_teacher:
+        if topk is not None:   # (B, S, k) row views, as the launchers take them
+            uc = None
+            teacher = (topk[0][None, r0:r1], topk[1][None, r0:r1])
+        elif not need_teacher:
             uc = z   # hrm == 0: the launchers never read the teacher's gradient terms
         elif u is not None:
             uc = u[r0:r1]
         else:
             uc = _transform(_logits(xt[r0:r1], wt, bt), t_scale, t_cap)
+        if topk is None:
+            teacher = uc[None]
         if stats is None:
-            out = impl.hrm_loss_fwd(z[None], uc[None], y, hrm, temperature, eps, ignore_index, beta)
+            out = fwd(z[None], teacher, y)
             outs.append(out)
             st = out[4]
         else:
@@ -198,8 +222,7 @@ def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=N
         # The softcap's derivative needs the logits that dz is about to overwrite: a buffer.
         dcap_s = _softcap_grad(z, s_scale, s_cap) if s_cap is not None and student_grad else None
         # dz overwrites z in place (the launchers' contract allows it): no second chunk buffer.
-        impl.hrm_loss_bwd(z[None], uc[None], y, st, grad[r0:r1], hrm, temperature, eps,
-                          ignore_index, beta, z[None], du[None] if du is not None else None)
+        bwd(z[None], teacher, y, st, grad[r0:r1], du[None] if du is not None else None)
         if student_grad:
             _head_grads(_chain(z, s_scale, s_cap, dcap_s), xs[r0:r1], ws,
                         grads[0] if grads[0] is None else grads[0][r0:r1], grads[1], grads[2])
@@ -212,8 +235,9 @@ def _sweep(heads, u, labels, options, transforms, impl, rows, stats=None, grad=N
     if stats is not None:
         return grads
     if not outs:   # no tokens: the launchers' outputs for an empty chunk
-        outs = [impl.hrm_loss_fwd(xs.new_zeros(1, 0, 1), xs.new_zeros(1, 0, 1), labels, hrm,
-                                  temperature, eps, ignore_index, beta)]
+        empty = xs.new_zeros(1, 0, 1)
+        outs = [fwd(empty, empty if topk is None else
+                    (topk[0].new_zeros(1, 0, 1), topk[1].new_zeros(1, 0, 1)), labels)]
     loss, ce, kl, ent, st = (torch.cat(t) for t in zip(*outs))
     return loss, ce, kl, ent, st, grads
 
@@ -235,35 +259,37 @@ def _no_autocast(t):
 class ChunkedLinearHRMFunction(torch.autograd.Function):
     """Stage 1. Returns (loss, ce, kl, entropy): summed and divided by `denom` (a 0-d device
     tensor) for reduction "mean"/"sum", per token (N,) when denom is None ("none"). Only the loss
-    has a gradient."""
+    has a gradient. A sparse teacher comes as idx, lp (N, k) and renormalize (xt, wt, bt, u
+    None; `impl` then has the top-k launchers); its log-probabilities get no gradient."""
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, transforms, impl,
-                budget, grad_enabled):
+                budget, grad_enabled, idx=None, lp=None, renormalize=False):
         with _no_autocast(xs):
             return ChunkedLinearHRMFunction._forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom,
                                                      options, transforms, impl, budget,
-                                                     grad_enabled)
+                                                     grad_enabled, idx, lp, renormalize)
 
     @staticmethod
     def _forward(ctx, xs, ws, bs, xt, wt, bt, u, labels, denom, options, transforms, impl, budget,
-                 grad_enabled):
+                 grad_enabled, idx, lp, renormalize):
         like = (xs, ws, bs, xt, wt, bt, u)
+        topk = None if idx is None else (idx, lp, renormalize)
         want = _wanted(ctx, grad_enabled)
         rows = chunk_rows(labels.numel(), ws.shape[0], budget, xs, ws, xt, u, any(want[3:]),
                           transforms[0][1] is not None and any(want[:3]))
         ctx.options, ctx.transforms, ctx.impl = options, transforms, impl
-        ctx.rows, ctx.deferred = rows, denom is None
+        ctx.rows, ctx.deferred, ctx.renormalize = rows, denom is None, renormalize
         if denom is None:   # "none": gradients wait for grad_output, recomputed in backward
             loss, ce, kl, ent, stats, _ = _sweep(like[:6], u, labels, options, transforms, impl,
-                                                 rows)
-            ctx.save_for_backward(*like, labels, stats)
+                                                 rows, topk=topk)
+            ctx.save_for_backward(*like, labels, stats, idx, lp)
         else:
             n = labels.numel()
             inv = torch.ones((), dtype=acc_dtype(xs.dtype), device=xs.device) / denom
             loss, ce, kl, ent, _, grads = _sweep(like[:6], u, labels, options, transforms, impl,
                                                  rows, grad=inv.expand(n) if any(want) else None,
-                                                 want=want)
+                                                 want=want, topk=topk)
             ctx.save_for_backward(*_cast(grads, like))   # d W rounded once, after the fp32 sum
             loss, ce, kl, ent = (t.sum() / denom for t in (loss, ce, kl, ent))
         ctx.mark_non_differentiable(ce, kl, ent)
@@ -275,13 +301,14 @@ class ChunkedLinearHRMFunction(torch.autograd.Function):
             # A 0-d device tensor times each gradient: no host sync (Liger tests grad_output == 1
             # with torch.equal, a sync; multiplying by 1 costs one pass and is exact).
             grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
-            return (*grads, *(None,) * 7)
-        *like, labels, stats = ctx.saved_tensors
+            return (*grads, *(None,) * 10)
+        *like, labels, stats, idx, lp = ctx.saved_tensors
         with _no_autocast(labels):
             grads = _sweep(like[:6], like[6], labels, ctx.options, ctx.transforms, ctx.impl,
                            ctx.rows, stats=stats, grad=grad_loss.reshape(-1),
-                           want=ctx.needs_input_grad[:7])
-        return (*_cast(grads, like), *(None,) * 7)
+                           want=ctx.needs_input_grad[:7],
+                           topk=None if idx is None else (idx, lp, ctx.renormalize))
+        return (*_cast(grads, like), *(None,) * 10)
 
 
 class FusedLinearHRMFunction(torch.autograd.Function):

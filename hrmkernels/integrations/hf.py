@@ -38,10 +38,13 @@ are what dominates the memory of a distillation step at a 128k vocabulary).
   Trainer's count of predicted tokens over all micro-batches of the optimizer step (and all
   processes, with ``average_tokens_across_devices``), so an accumulated step equals one big
   batch. The trainer makes the Trainer count them for any model, and count ``labels[..., 1:]``.
-- Top-k teachers stored offline: without a ``teacher_model``, the batch's
-  ``teacher_topk_indices`` and ``teacher_topk_logprobs`` (..., S, k), aligned with the logits,
-  are used (pass ``remove_unused_columns=False`` so that the Trainer keeps them). This path
-  forms the student's logits (the fused-linear loss takes dense teachers).
+- Top-k teachers stored offline (``integrations.data.cache_teacher_topk``) or served: without a
+  ``teacher_model``, the batch's ``teacher_topk_indices`` and ``teacher_topk_logprobs``
+  (..., S, k), aligned with the logits (position i: the distribution of token i + 1), are used
+  (pass ``remove_unused_columns=False`` so that the Trainer keeps them), from the student's
+  hidden states (``fused_linear_hrm_loss(teacher_topk=...)``): no N x V logits of any model.
+  The Trainer checks that every cached row has one entry per input id and names the row that
+  does not.
 
 ``hrm_distillation_loss`` is the same computation for a hand-written loop. A model wrapped for
 data parallelism (DDP, FSDP, a DeepSpeed engine) is run through its wrapper's forward, so that
@@ -286,7 +289,7 @@ def _linear_options(loss_fn, chunk_budget_bytes):
                 reduction=loss_fn.reduction, label_smoothing=loss_fn.label_smoothing,
                 kl_direction=loss_fn.kl_direction, jsd_beta=loss_fn.jsd_beta,
                 backend=loss_fn.backend, return_components=loss_fn.return_components,
-                chunk_budget_bytes=chunk_budget_bytes)
+                chunk_budget_bytes=chunk_budget_bytes, topk_mode=loss_fn.topk_mode)
 
 
 def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_in_batch=None,
@@ -322,12 +325,14 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
 
     # Vocabulary-parallel losses take logit shards: the fused-linear loss has no such mode.
     student = None
-    if use_fused_linear and teacher_model is not None and loss_fn.process_group is None:
+    has_topk = topk[0] is not None and topk[1] is not None
+    if use_fused_linear and (teacher_model is not None or has_topk) and \
+            loss_fn.process_group is None:
         student = _split_or_warn(model)
     if student is None:
         return _logits_loss(model, inputs, labels, loss_fn, teacher_model, topk,
                             num_items_in_batch, return_outputs)
-    teacher = _split_or_warn(teacher_model)
+    teacher = _split_or_warn(teacher_model) if teacher_model is not None else None
 
     def step():   # the whole loss inside the student's forward (see _through_wrapper)
         out = student.backbone(**inputs, use_cache=False)
@@ -335,7 +340,9 @@ def hrm_distillation_loss(model, inputs, loss_fn, teacher_model=None, num_items_
         w, b = student.head.weight, student.head.bias
         v = w.shape[0]
         with torch.no_grad():
-            if teacher is not None:
+            if teacher_model is None:   # an offline or served teacher: its top-k, no head
+                teacher_args = dict(teacher_hidden=None, teacher_weight=None, teacher_topk=topk)
+            elif teacher is not None:
                 ht = _last_hidden(_through_wrapper(
                     teacher_model, lambda: teacher.backbone(**inputs, use_cache=False)))
                 tw, tb = teacher.head.weight, teacher.head.bias
@@ -407,6 +414,15 @@ class HRMDistillationTrainer(Trainer):
         self.use_fused_linear, self.chunk_budget_bytes = use_fused_linear, chunk_budget_bytes
         if teacher_model is not None:
             teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        else:   # an offline teacher: each cached row must match its input ids
+            for name in ("train_dataset", "eval_dataset"):
+                ds = getattr(self, name, None)
+                for key, part in (ds.items() if isinstance(ds, dict) else [(None, ds)]):
+                    # map-style datasets.Dataset (an Arrow table), not a stream
+                    if hasattr(part, "data") and set(TOPK_KEYS) <= set(
+                            getattr(part, "column_names", None) or ()):
+                        from hrmkernels.integrations.data import check_topk_rows
+                        check_topk_rows(part, name if key is None else f"{name}[{key!r}]")
         self.teacher_model = teacher_model
         # The Trainer counts num_items_in_batch (and treats the loss as already normalised for
         # gradient accumulation) only for models that take loss kwargs; this loss always does,
