@@ -107,9 +107,10 @@ def cache_teacher_topk(teacher, dataset, k=None, *, sample=None, temperature=1.0
                               softcap=head.softcap)
         else:
             idx, lp = produce(logits=teacher(**inputs).logits[mask], temperature=temperature)
-        idx, lp = idx.to(torch.int32).cpu(), lp.to(lp_dtype).cpu()
-        batch[TOPK_KEYS[0]] = [t.numpy() for t in idx.split(lengths)]
-        batch[TOPK_KEYS[1]] = [t.numpy() for t in lp.split(lengths)]
+        # sync-ok: caching writes the teacher's rows to host storage (offline, not a training step)
+        idx, lp = idx.to(torch.int32).cpu(), lp.to(lp_dtype).cpu()  # sync-ok
+        batch[TOPK_KEYS[0]] = [t.numpy() for t in idx.split(lengths)]  # sync-ok: host tensors
+        batch[TOPK_KEYS[1]] = [t.numpy() for t in lp.split(lengths)]  # sync-ok: host tensors
         return batch
 
     out = dataset.map(add_columns, batched=True, batch_size=batch_size, features=features,
@@ -168,7 +169,7 @@ def check_topk_rows(dataset, name="dataset"):
     for table in dataset.with_format("arrow").iter(batch_size=65536):
         n_ids = lengths(table.column("input_ids"))
         for key in TOPK_KEYS:
-            bad = (lengths(table.column(key)) != n_ids).nonzero()[0]
+            bad = (lengths(table.column(key)) != n_ids).nonzero()[0]  # sync-ok: numpy, no device
             if len(bad):
                 row = int(bad[0])
                 got = int(lengths(table.column(key))[row])

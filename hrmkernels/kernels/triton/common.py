@@ -17,6 +17,32 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # element, so it runs fastest with wide blocks (16384 still splits V=32003 into several).
 MAX_BLOCK_V = 4096
 INTERPRETER_BLOCK_V = 16384
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+# On a GPU exp2 is one MUFU.EX2 (log2 one MUFU.LG2) (ex2.approx.ftz: no denormal fix-up, as in csrc); the
+# interpreter runs no PTX and takes tl.exp2.
+NATIVE_EXP2: tl.constexpr = tl.constexpr(not INTERPRETED)   # and log2
+
+
+@triton.jit
+def exp2(x):
+    """2^x in one MUFU.EX2; results below 2^-126 flush to 0."""
+    if NATIVE_EXP2:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def log2(x):
+    """log2(x) in one MUFU.LG2 (denormal x flushes to 0: -inf)."""
+    if NATIVE_EXP2:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -50,21 +76,6 @@ def online_lse_h(m, s, h, x):
 
 
 @triton.jit
-def kl_term(e, x, w):
-    """e w, a term of the KL's weighted sum, decided by the logit x rather than by e = exp(x - m),
-    which may underflow: 0 where x = -inf (w is then infinite or NaN), +inf where w = +inf (the
-    other distribution is 0 there: the true KL is +inf), NaN passes (docs/design.md, "Non-finite
-    inputs")."""
-    return tl.where(x == float("-inf"), 0.0, tl.where(w == float("inf"), float("inf"), e * w))
-
-
-@triton.jit
-def rescale_add(t, alpha, add):
-    """t alpha + add, where t = +inf (an infinite KL) stays +inf under an alpha that underflows."""
-    return tl.where(t == float("inf"), t, t * alpha + add)
-
-
-@triton.jit
 def log_mix(lp, lq, log_beta, log_1m_beta):
     """lm = log(beta e^lp + (1 - beta) e^lq) = hi + log(1 + e^(lo - hi)), hi, lo the larger and
     smaller of lp + log beta and lq + log(1 - beta): finite wherever lp or lq is (also below
@@ -73,7 +84,7 @@ def log_mix(lp, lq, log_beta, log_1m_beta):
     w = lq + log_1m_beta
     hi = tl.maximum(x, w, propagate_nan=tl.PropagateNan.ALL)   # a NaN makes m NaN
     lo = tl.minimum(x, w, propagate_nan=tl.PropagateNan.ALL)
-    return hi + tl.log(1.0 + tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi)))
+    return hi + LN2 * log2(1.0 + exp2((lo - tl.where(hi == float("-inf"), 0.0, hi)) * LOG2E))
 
 
 @triton.jit

@@ -65,11 +65,118 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from hrmkernels.kernels import check_label_range
-from hrmkernels.kernels.triton.common import (MAXNREG_8_WARPS, block_v, custom_triton_op,
-                                              device_of, divergence_args, divergence_grads,
-                                              kl_term, log_mix, no_output, online_lse,
-                                              online_lse_h, rescale_add, store_ce_loss,
-                                              store_ignored_row)
+from hrmkernels.kernels.triton.common import (FLT_MAX, LN2, LOG2E, MAXNREG_8_WARPS, block_v,
+                                              custom_triton_op, device_of, divergence_args,
+                                              divergence_grads, exp2, log_mix, no_output,
+                                              store_ce_loss, store_ignored_row)
+
+
+# The forward's per-element work, from the SASS (benchmarks/NOTES.md, "The lean forward"): in
+# base 2 with log2(e)/T folded into one FFMA before each MUFU.EX2, every thread keeps its own
+# running max and sums over the elements it loads (a [THREADS, VEC, KSUB] tile: VEC contiguous
+# logits, 16 B, KSUB = 2 loads THREADS * VEC apart, joined in registers), and the threads are
+# combined once a row. Masks exist only in the
+# last, partial block. Per thread and stream x (z, a = z/T, b = u/T; c = log2(e) or log2(e)/T):
+#
+#     m' = max(m, c max x),   s' = s 2^(m - m') + sum 2^(c x - m'),
+#
+# the weighted sums t (KL) and h (entropy) rescaled with the same factor. The guards cost one
+# FMNMX each, on the values rather than the logits: d = (b - a) T (forward; (a - b) T reverse)
+# is clamped at -FLT_MAX, so a masked entry of the weighting model (d = -inf, or NaN where both
+# mask) adds 2^-inf * -FLT_MAX = 0. What is left makes t +inf or NaN only where d = +inf (masked
+# in the other model alone: the KL is +inf, also where the weight underflowed and 0 * inf gave
+# NaN), or where a logit is NaN (then s is NaN too); a NaN logit passes through the
+# exponentials. The entropy's c x - m is clamped the same way,
+# NaN kept. Combining thread sums (m_i, s_i) into M = max m_i: s = sum s_i 2^(m_i - M), and h
+# relative to M is 2^(m_i - M) (h_i + s_i (m_i - M)).
+
+@triton.jit
+def _tile_index(offs, KSUB: tl.constexpr):
+    """[THREADS, VEC, KSUB] offsets from the [THREADS, VEC] of the first run."""
+    if KSUB == 2:
+        return tl.join(offs, offs + offs.numel)
+    else:
+        return tl.expand_dims(offs, 2)
+
+
+@triton.jit
+def _load_tile(row, offs, n, MASKED: tl.constexpr, KSUB: tl.constexpr):
+    """The tile of logits row[:n] at _tile_index(offs) as fp32, -inf past n. Loaded as KSUB
+    [THREADS, VEC] runs and joined: each load stays 16 B a thread on every Triton, and the
+    KSUB axis in registers (a 3-D load lets the compiler spread it over lanes)."""
+    step: tl.constexpr = offs.numel
+    if MASKED:
+        x = tl.load(row + offs, mask=offs < n, other=float("-inf"))
+    else:
+        x = tl.load(row + offs)
+    if KSUB == 2:
+        if MASKED:
+            y = tl.load(row + step + offs, mask=offs + step < n, other=float("-inf"))
+        else:
+            y = tl.load(row + step + offs)
+        x = tl.join(x, y)
+    else:
+        x = tl.expand_dims(x, 2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _fwd_tile(z_row, u_row, offs, V, c_z, c_a, m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z,
+              MASKED: tl.constexpr, REVERSE: tl.constexpr, KL: tl.constexpr,
+              SMOOTH: tl.constexpr, UNIT_T: tl.constexpr, TEACHER: tl.constexpr,
+              KSUB: tl.constexpr):
+    """Fold one [THREADS, VEC, KSUB] tile of a row into each thread's running statistics."""
+    z = _load_tile(z_row, offs, V, MASKED, KSUB)
+    if TEACHER:
+        u = _load_tile(u_row, offs, V, MASKED, KSUB)
+    z_max = tl.max(tl.max(z, axis=2), axis=1)          # this thread's elements only
+    m_new = tl.maximum(m_z, z_max * c_z)
+    arg_z = z * c_z - m_new[:, None, None]
+    e_z = exp2(arg_z)
+    alpha_z = exp2(m_z - m_new)
+    if UNIT_T:
+        arg_a, e_a, alpha_a = arg_z, e_z, alpha_z
+        shift = s_z * (m_z - m_new)
+    s_z = s_z * alpha_z + tl.sum(tl.sum(e_z, axis=2), axis=1)
+    m_z = m_new
+    if UNIT_T:
+        m_a, s_a = m_z, s_z
+    else:
+        m_new = tl.maximum(m_a, z_max * c_a)
+        arg_a = z * c_a - m_new[:, None, None]
+        e_a = exp2(arg_a)
+        alpha_a = exp2(m_a - m_new)
+        shift = s_a * (m_a - m_new)
+        s_a = s_a * alpha_a + tl.sum(tl.sum(e_a, axis=2), axis=1)
+        m_a = m_new
+    h_arg = tl.maximum(arg_a, -FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    h = alpha_a * (h + shift) + tl.sum(tl.sum(e_a * h_arg, axis=2), axis=1)
+    if TEACHER:
+        m_new = tl.maximum(m_b, tl.max(tl.max(u, axis=2), axis=1) * c_a)
+        e_b = exp2(u * c_a - m_new[:, None, None])
+        alpha_b = exp2(m_b - m_new)
+        s_b = s_b * alpha_b + tl.sum(tl.sum(e_b, axis=2), axis=1)
+        m_b = m_new
+    if KL and TEACHER:
+        if REVERSE:
+            d, e, alpha = z - u, e_a, alpha_a
+        else:
+            d, e, alpha = u - z, e_b, alpha_b
+        t = t * alpha + tl.sum(tl.sum(e * tl.maximum(d, -FLT_MAX), axis=2), axis=1)
+    if SMOOTH:
+        if MASKED:
+            z = tl.where(_tile_index(offs, KSUB) < V, z, 0.0)
+        sum_z += tl.sum(tl.sum(z, axis=2), axis=1)
+    return m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z
+
+
+@triton.jit
+def _combine(m, s):
+    """The row's max M (base 2) and sum s relative to it, from the threads' (m_i, s_i); and the
+    factors 2^(m_i - M) that move any other per-thread sum to M."""
+    big = tl.max(m, axis=0)
+    w = exp2(m - big)
+    return big, tl.sum(s * w, axis=0), w
 
 
 @triton.jit
@@ -87,8 +194,10 @@ def _hrm_loss_fwd_kernel(
     JSD: tl.constexpr,           # the generalised JSD, two passes (REVERSE is then unused)
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
     UNIT_T: tl.constexpr,        # T == 1: a = z, so lse_a = lse_z and q = sm
-    BLOCK_V: tl.constexpr,
+    TEACHER: tl.constexpr,       # False: u is z itself (the fused cross-entropy), never read
+    THREADS: tl.constexpr, VEC: tl.constexpr, KSUB: tl.constexpr,   # the tile
 ):
+    BLOCK_V: tl.constexpr = THREADS * VEC * KSUB
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
@@ -96,37 +205,40 @@ def _hrm_loss_fwd_kernel(
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
-    cols = tl.arange(0, BLOCK_V)
-    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)   # a scalar fp32 0 for loop carries
-    m_z, s_z, m_a, s_a, m_b, s_b = zero - float("inf"), zero, zero - float("inf"), zero, \
-        zero - float("inf"), zero
-    t = zero          # KL: sum_v exp(x_v - m) * (x_v - other_v), x = b (forward) or a (reverse)
-    h = zero          # sum_v exp(a_v - m_a) * (a_v - m_a), for the entropy
-    sum_z = zero
-    for v0 in range(0, V, BLOCK_V):
-        mask = v0 + cols < V
-        z = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        b = tl.load(u_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        if UNIT_T:
-            a = z
-            m_z, s_z, h, e_z, alpha_z = online_lse_h(m_z, s_z, h, z)
-            m_a, s_a, e_a, alpha_a = m_z, s_z, e_z, alpha_z
-        else:
-            a = z * inv_t
-            m_z, s_z, e_z, alpha_z = online_lse(m_z, s_z, z)
-            m_a, s_a, h, e_a, alpha_a = online_lse_h(m_a, s_a, h, a)
-        m_b, s_b, e_b, alpha_b = online_lse(m_b, s_b, b)
-        if REVERSE and not JSD:
-            t = rescale_add(t, alpha_a, tl.sum(kl_term(e_a, a, a - b), axis=0))
-        elif not JSD:
-            t = rescale_add(t, alpha_b, tl.sum(kl_term(e_b, b, b - a), axis=0))
-        if SMOOTH:
-            sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
-    lse_z = m_z + tl.log(s_z)
-    lse_a = m_a + tl.log(s_a)
-    lse_b = m_b + tl.log(s_b)
-    if JSD:   # pass 2: KL(q || m) and KL(p || m) with the final log-sum-exps
-        s3, s4 = zero, zero
+    offs = tl.arange(0, THREADS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    c_z = LOG2E
+    c_a = LOG2E * inv_t
+    lo = tl.full([THREADS], -FLT_MAX, tl.float32)   # a finite floor: 2^(m - m') is never NaN
+    zero = tl.zeros([THREADS], tl.float32)
+    m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z = lo, zero, lo, zero, zero, lo, zero, zero, zero
+    full = V // BLOCK_V * BLOCK_V
+    for v0 in range(0, full, BLOCK_V):
+        m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z = _fwd_tile(
+            z_row + v0, u_row + v0, offs, V, c_z, c_a, m_z, s_z, m_a, s_a, h, m_b, s_b, t,
+            sum_z, False, REVERSE, not JSD, SMOOTH, UNIT_T, TEACHER, KSUB)
+    if full < V:
+        m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z = _fwd_tile(
+            z_row + full, u_row + full, offs, V - full, c_z, c_a, m_z, s_z, m_a, s_a, h, m_b,
+            s_b, t, sum_z, True, REVERSE, not JSD, SMOOTH, UNIT_T, TEACHER, KSUB)
+    big_z, s_z, _ = _combine(m_z, s_z)
+    big_a, s_a_row, w_a = _combine(m_a, s_a)
+    h = tl.sum(w_a * (h + s_a * (m_a - big_a)), axis=0)
+    lse_z = (big_z + tl.log2(s_z)) * LN2
+    lse_a = (big_a + tl.log2(s_a_row)) * LN2
+    if TEACHER:
+        big_b, s_b_row, w_b = _combine(m_b, s_b)
+        lse_b = (big_b + tl.log2(s_b_row)) * LN2
+    else:
+        lse_b = lse_a
+    sum_z = tl.sum(sum_z, axis=0)
+    if not TEACHER:   # D(q || q) = 0, NaN where lse_a is not finite (as with u = z read)
+        s3 = lse_a - lse_a
+        s4 = s3
+        kl = s3
+    elif JSD:   # pass 2: KL(q || m) and KL(p || m) with the final log-sum-exps
+        cols = tl.arange(0, BLOCK_V)
+        s3 = tl.zeros([BLOCK_V], tl.float32)
+        s4 = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             lq = tl.load(z_row + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -136,24 +248,33 @@ def _hrm_loss_fwd_kernel(
             lp = tl.load(u_row + v0 + cols, mask=mask,
                          other=float("-inf")).to(tl.float32) * inv_t - lse_b
             lm = log_mix(lp, lq, log_beta, log_1m_beta)
-            q = tl.exp(lq)
-            p = tl.exp(lp)
             # masked entries (-inf) give 0, NaN passes (a `q > 0` guard would drop it)
-            s3 += tl.sum(tl.where(lq == float("-inf"), 0.0, q * (lq - lm)), axis=0)
-            s4 += tl.sum(tl.where(lp == float("-inf"), 0.0, p * (lp - lm)), axis=0)
+            s3 += tl.where(lq == float("-inf"), 0.0, exp2(lq * LOG2E) * (lq - lm))
+            s4 += tl.where(lp == float("-inf"), 0.0, exp2(lp * LOG2E) * (lp - lm))
+        s3 = tl.sum(s3, axis=0)
+        s4 = tl.sum(s4, axis=0)
         kl = beta * s4 + (1.0 - beta) * s3
-    elif REVERSE:
-        s3, s4 = t / s_a, zero   # mu
-        kl = s3 + lse_b - lse_a
     else:
-        s3, s4 = t / s_b, zero
-        kl = s3 + lse_a - lse_b
+        # t is finite, but +inf or NaN (0 * inf) where d = +inf: the KL is +inf there, unless
+        # a NaN logit (s NaN) or a row one model masks whole (s = 0) makes it NaN
+        if REVERSE:
+            t = tl.sum(t * w_a, axis=0)
+            s3 = t * inv_t / s_a_row   # mu = E_q[a - b]
+            kl = s3 + lse_b - lse_a
+        else:
+            t = tl.sum(t * w_b, axis=0)
+            s3 = t * inv_t / s_b_row   # mu = E_p[b - a]
+            kl = s3 + lse_a - lse_b
+        inf = ((t != t) | (t == float("inf"))) & (s_a_row > 0.0) & (s_b_row > 0.0)
+        kl = tl.where(inf, float("inf"), kl)
+        s3 = tl.where(inf, float("inf"), s3)
+        s4 = 0.0
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below the true D >= 0; NaN passes through
     s3 = tl.where(kl != kl, kl, s3)   # a NaN divergence reaches the backward through mu
 
     store_ce_loss(z_row, y, V, lse_z, sum_z, kl, eps, hrm, loss_ptr + row, ce_ptr + row,
                    kl_ptr + row, SMOOTH)
-    tl.store(ent_ptr + row, tl.log(s_a) - h / s_a)
+    tl.store(ent_ptr + row, (tl.log2(s_a_row) - h / s_a_row) * LN2)
     tl.store(stats_ptr + 5 * row, lse_z)
     tl.store(stats_ptr + 5 * row + 1, lse_a)
     tl.store(stats_ptr + 5 * row + 2, lse_b)
@@ -193,21 +314,22 @@ def _hrm_loss_bwd_kernel(
     lse_z = tl.load(stats_ptr + 5 * row)
     z = tl.load(z_ptr + r_b * z_sb + r_s * z_ss + cols, mask=mask,
                 other=float("-inf")).to(tl.float32)
-    sm = tl.exp(z - lse_z)
+    sm = exp2(z * LOG2E - lse_z * LOG2E)     # one FFMA and one MUFU.EX2 an exponential
     dz = sm - eps / V - tl.where(cols == y, 1.0 - eps, 0.0)
     if HAS_KL:
         lse_a = tl.load(stats_ptr + 5 * row + 1)
         lse_b = tl.load(stats_ptr + 5 * row + 2)
         s3 = tl.load(stats_ptr + 5 * row + 3)
-        b = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
-                    other=float("-inf")).to(tl.float32) * inv_t
+        u = tl.load(u_ptr + r_b * u_sb + r_s * u_ss + cols, mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        b = u * inv_t
         if UNIT_T:
             a = z
             q = sm
         else:
             a = z * inv_t
-            q = tl.exp(a - lse_a)
-        p = tl.exp(b - lse_b)
+            q = exp2(z * (LOG2E * inv_t) - lse_a * LOG2E)
+        p = exp2(u * (LOG2E * inv_t) - lse_b * LOG2E)
         s4 = tl.load(stats_ptr + 5 * row + 4)
         g_z, g_u = divergence_grads(a, b, q, p, lse_a, lse_b, s3, s4, beta, log_beta,
                                      log_1m_beta, REVERSE, JSD)
@@ -220,6 +342,22 @@ def _hrm_loss_bwd_kernel(
                  mask=mask)
     tl.store(dz_ptr + r_b * dz_sb + r_s * dz_ss + cols, (g * dz).to(dz_ptr.dtype.element_ty),
              mask=mask)
+
+
+def _same_view(z, u):
+    """u is z (another view of the same logits: api/hrm_loss.py's fused cross-entropy)."""
+    return (torch._C._is_alias_of(u, z) and u.storage_offset() == z.storage_offset()
+            and u.stride() == z.stride() and u.dtype == z.dtype)
+
+
+def fwd_tile(v, z, u, warps=8):
+    """The forward's tile [THREADS, VEC, KSUB] for block_v logits: VEC logits of 16 B of the
+    wider input, a thread's run; KSUB = 2 runs a thread (1 for a short row). On a GPU THREADS is
+    the block's 256 (fewer for a short row), under the interpreter whatever the block needs."""
+    block = block_v(v, z.device, max(z.element_size(), u.element_size()))
+    vec = min(16 // max(z.element_size(), u.element_size()), block)
+    ksub = 2 if block >= 2 * vec else 1
+    return dict(THREADS=block // (vec * ksub), VEC=vec, KSUB=ksub)
 
 
 def _fwd_fake(z, u, labels, *options):
@@ -243,9 +381,9 @@ def _hrm_loss_fwd_op(z: Tensor, u: Tensor, labels: Tensor, hrm: float, temperatu
                 z, z.stride(0), z.stride(1), u, u.stride(0), u.stride(1), labels,
                 loss, ce, kl, ent, stats, z.shape[1], v, hrm, 1.0 / temperature,
                 label_smoothing, ignore_index, *scalars, SMOOTH=label_smoothing > 0,
+                TEACHER=not _same_view(z, u),
                 UNIT_T=temperature == 1.0,
-                BLOCK_V=block_v(v, z.device, max(z.element_size(), u.element_size())),
-                num_warps=8, maxnreg=MAXNREG_8_WARPS, **flags)
+                **fwd_tile(v, z, u), num_warps=8, maxnreg=MAXNREG_8_WARPS, **flags)
     return loss, ce, kl, ent, stats
 
 
