@@ -30,8 +30,8 @@ and writes dz (6 B; 8 B with du). Per row: a label, loss, CE, KL, entropy and 5 
 statistics (40 B).
 
 Masked vocabulary entries (-inf) are legal: a zero probability contributes 0 to every sum
-(guarded with `where`, since 0 * inf is NaN), and a running max that is still -inf is
-replaced by 0 before subtracting it (exp(-inf - -inf) is NaN).
+(0 * inf is NaN, so the factor beside it is clamped or the term selected away), and running
+maxima start at -FLT_MAX rather than -inf (exp(-inf - -inf) is NaN).
 
 Generalised JSD (0 < beta < 1, TRL's beta; beta = 0 and 1 are the KLs above), m = beta p +
 (1 - beta) q, with lq = a - lse_a, lp = b - lse_b and lm = log m from logs (a log-add-exp):
@@ -67,8 +67,8 @@ from torch.library import wrap_triton
 from hrmkernels.kernels import check_label_range
 from hrmkernels.kernels.triton.common import (FLT_MAX, LN2, LOG2E, MAXNREG_8_WARPS, block_v,
                                               custom_triton_op, device_of, divergence_args,
-                                              divergence_grads, exp2, log_mix, no_output,
-                                              store_ce_loss, store_ignored_row)
+                                              divergence_grads, exp2, launch_target, log_mix,
+                                              no_output, store_ce_loss, store_ignored_row)
 
 
 # The forward's per-element work, from the SASS (benchmarks/NOTES.md, "The lean forward"): in
@@ -92,11 +92,11 @@ from hrmkernels.kernels.triton.common import (FLT_MAX, LN2, LOG2E, MAXNREG_8_WAR
 
 @triton.jit
 def _tile_index(offs, KSUB: tl.constexpr):
-    """[THREADS, VEC, KSUB] offsets from the [THREADS, VEC] of the first run."""
+    """The tile's offsets, [THREADS, VEC, 2] (KSUB = 2) or [THREADS, VEC], from the first run's."""
     if KSUB == 2:
         return tl.join(offs, offs + offs.numel)
     else:
-        return tl.expand_dims(offs, 2)
+        return offs
 
 
 @triton.jit
@@ -115,9 +115,33 @@ def _load_tile(row, offs, n, MASKED: tl.constexpr, KSUB: tl.constexpr):
         else:
             y = tl.load(row + step + offs)
         x = tl.join(x, y)
-    else:
-        x = tl.expand_dims(x, 2)
     return x.to(tl.float32)
+
+
+@triton.jit
+def _rmax(x, KSUB: tl.constexpr):
+    """Max of each thread's elements of a tile: [THREADS]."""
+    if KSUB == 2:
+        return tl.max(tl.max(x, axis=2), axis=1)
+    else:
+        return tl.max(x, axis=1)
+
+
+@triton.jit
+def _rsum(x, KSUB: tl.constexpr):
+    if KSUB == 2:
+        return tl.sum(tl.sum(x, axis=2), axis=1)
+    else:
+        return tl.sum(x, axis=1)
+
+
+@triton.jit
+def _col(m, KSUB: tl.constexpr):
+    """A thread's statistic [THREADS] against its elements of a tile."""
+    if KSUB == 2:
+        return m[:, None, None]
+    else:
+        return m[:, None]
 
 
 @triton.jit
@@ -125,48 +149,50 @@ def _fwd_tile(z_row, u_row, offs, V, c_z, c_a, m_z, s_z, m_a, s_a, h, m_b, s_b, 
               MASKED: tl.constexpr, REVERSE: tl.constexpr, KL: tl.constexpr,
               SMOOTH: tl.constexpr, UNIT_T: tl.constexpr, TEACHER: tl.constexpr,
               KSUB: tl.constexpr):
-    """Fold one [THREADS, VEC, KSUB] tile of a row into each thread's running statistics."""
+    """Fold one tile of a row into each thread's running statistics."""
     z = _load_tile(z_row, offs, V, MASKED, KSUB)
     if TEACHER:
         u = _load_tile(u_row, offs, V, MASKED, KSUB)
-    z_max = tl.max(tl.max(z, axis=2), axis=1)          # this thread's elements only
+    z_max = _rmax(z, KSUB)          # this thread's elements only
     m_new = tl.maximum(m_z, z_max * c_z)
-    arg_z = z * c_z - m_new[:, None, None]
+    arg_z = z * c_z - _col(m_new, KSUB)
     e_z = exp2(arg_z)
     alpha_z = exp2(m_z - m_new)
     if UNIT_T:
         arg_a, e_a, alpha_a = arg_z, e_z, alpha_z
         shift = s_z * (m_z - m_new)
-    s_z = s_z * alpha_z + tl.sum(tl.sum(e_z, axis=2), axis=1)
+    s_z = s_z * alpha_z + _rsum(e_z, KSUB)
     m_z = m_new
     if UNIT_T:
         m_a, s_a = m_z, s_z
     else:
         m_new = tl.maximum(m_a, z_max * c_a)
-        arg_a = z * c_a - m_new[:, None, None]
+        arg_a = z * c_a - _col(m_new, KSUB)
         e_a = exp2(arg_a)
         alpha_a = exp2(m_a - m_new)
         shift = s_a * (m_a - m_new)
-        s_a = s_a * alpha_a + tl.sum(tl.sum(e_a, axis=2), axis=1)
+        s_a = s_a * alpha_a + _rsum(e_a, KSUB)
         m_a = m_new
     h_arg = tl.maximum(arg_a, -FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
-    h = alpha_a * (h + shift) + tl.sum(tl.sum(e_a * h_arg, axis=2), axis=1)
+    h = alpha_a * (h + shift) + _rsum(e_a * h_arg, KSUB)
     if TEACHER:
-        m_new = tl.maximum(m_b, tl.max(tl.max(u, axis=2), axis=1) * c_a)
-        e_b = exp2(u * c_a - m_new[:, None, None])
+        m_new = tl.maximum(m_b, _rmax(u, KSUB) * c_a)
+        e_b = exp2(u * c_a - _col(m_new, KSUB))
         alpha_b = exp2(m_b - m_new)
-        s_b = s_b * alpha_b + tl.sum(tl.sum(e_b, axis=2), axis=1)
+        s_b = s_b * alpha_b + _rsum(e_b, KSUB)
         m_b = m_new
     if KL and TEACHER:
         if REVERSE:
             d, e, alpha = z - u, e_a, alpha_a
         else:
             d, e, alpha = u - z, e_b, alpha_b
-        t = t * alpha + tl.sum(tl.sum(e * tl.maximum(d, -FLT_MAX), axis=2), axis=1)
+        t = t * alpha + _rsum(e * tl.maximum(d, -FLT_MAX), KSUB)
     if SMOOTH:
         if MASKED:
             z = tl.where(_tile_index(offs, KSUB) < V, z, 0.0)
-        sum_z += tl.sum(tl.sum(z, axis=2), axis=1)
+        # + 0.0 (one FADD a thread): Triton 3.6's thread-locality pass asserts on a plain
+        # `acc += tl.sum(...)` whose loop result has two uses (the tail's call)
+        sum_z += _rsum(z, KSUB) + 0.0
     return m_z, s_z, m_a, s_a, h, m_b, s_b, t, sum_z
 
 
@@ -195,7 +221,8 @@ def _hrm_loss_fwd_kernel(
     SMOOTH: tl.constexpr,        # eps > 0: accumulate sum_v z_v
     UNIT_T: tl.constexpr,        # T == 1: a = z, so lse_a = lse_z and q = sm
     TEACHER: tl.constexpr,       # False: u is z itself (the fused cross-entropy), never read
-    THREADS: tl.constexpr, VEC: tl.constexpr, KSUB: tl.constexpr,   # the tile
+    THREADS: tl.constexpr, VEC: tl.constexpr, KSUB: tl.constexpr,   # the tile (fwd_tile)
+    STRIDED: tl.constexpr,       # rows not 16-byte aligned: a thread's VEC logits THREADS apart
 ):
     BLOCK_V: tl.constexpr = THREADS * VEC * KSUB
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2**31 at N*V > 2**31
@@ -205,7 +232,10 @@ def _hrm_loss_fwd_kernel(
         return
     z_row = z_ptr + (row // S) * z_sb + (row % S) * z_ss
     u_row = u_ptr + (row // S) * u_sb + (row % S) * u_ss
-    offs = tl.arange(0, THREADS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    if STRIDED:   # 2-byte loads, coalesced across the threads
+        offs = tl.arange(0, THREADS)[:, None] + tl.arange(0, VEC)[None, :] * THREADS
+    else:         # 16-byte loads, a thread's VEC logits contiguous
+        offs = tl.arange(0, THREADS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     c_z = LOG2E
     c_a = LOG2E * inv_t
     lo = tl.full([THREADS], -FLT_MAX, tl.float32)   # a finite floor: 2^(m - m') is never NaN
@@ -351,13 +381,19 @@ def _same_view(z, u):
 
 
 def fwd_tile(v, z, u, warps=8):
-    """The forward's tile [THREADS, VEC, KSUB] for block_v logits: VEC logits of 16 B of the
-    wider input, a thread's run; KSUB = 2 runs a thread (1 for a short row). On a GPU THREADS is
-    the block's 256 (fewer for a short row), under the interpreter whatever the block needs."""
+    """The forward's tile [THREADS, VEC, KSUB] for up to block_v logits: VEC logits of 16 B of
+    the wider input, a thread's run, and KSUB = 2 runs a thread, where rows are 16-byte aligned;
+    elsewhere (STRIDED) each logit is its own load and register, so a thread takes VEC logits
+    THREADS apart, once (twice spills). On a GPU THREADS is at most the block's 256; under the
+    interpreter whatever the block needs."""
     block = block_v(v, z.device, max(z.element_size(), u.element_size()))
     vec = min(16 // max(z.element_size(), u.element_size()), block)
-    ksub = 2 if block >= 2 * vec else 1
-    return dict(THREADS=block // (vec * ksub), VEC=vec, KSUB=ksub)
+    aligned = all(t.stride(i) % vec == 0 for t in (z, u) for i in (0, 1))
+    ksub = 2 if block >= 2 * vec and aligned else 1
+    threads = block // (vec * ksub)
+    if launch_target(z.device) is not None:
+        threads = min(threads, 32 * warps)
+    return dict(THREADS=threads, VEC=vec, KSUB=ksub, STRIDED=not aligned)
 
 
 def _fwd_fake(z, u, labels, *options):
