@@ -1,0 +1,82 @@
+// Fused HRM loss on the CPU, forward and backward in one sweep over each row, for rows'
+// gradients known before the forward (reduction "mean" or "sum": 1 / denominator or 1).
+//
+// Each row runs fwd_row (hrm_loss_fwd_row.h) and then, while the row is still in cache (a row
+// of V = 32000 is 128 KB in bf16 for z and u together), bwd_row (hrm_loss_bwd_row.h) from the
+// stats it has just written: the same arithmetic as hrm_loss_fwd followed by hrm_loss_bwd,
+// so the results are bitwise those of the two calls. The loss values of a row are written
+// before its gradient pass, so dz may alias z (inplace_backward).
+//
+// Bytes per element from memory (bf16): z and u once (4 B) and dz written (2 B), 6 B (8 B with
+// du) instead of the two calls' 10 B (12 B); the gradient pass re-reads the row from cache.
+#include "hrm_loss_bwd_row.h"
+#include "hrm_loss_fwd_row.h"
+#include "hrm_loss_kernels.h"
+
+namespace hrmkernels {
+namespace cpu {
+namespace {
+
+using namespace detail;
+
+template <class F, Div kDiv, bool kUnitT, bool kHasDiv, bool kDu>
+void fwd_bwd_rows(const FwdJob<F>& fwd, const BwdJob<F>& bwd, int64_t n_rows) {
+  at::parallel_for(0, n_rows, grain(fwd.V), [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    alignas(64) F zbuf[kBlock];
+    alignas(64) F ubuf[kBlock];
+    alignas(64) F dzbuf[kBlock];
+    alignas(64) F dubuf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      fwd_row<F, kDiv, kUnitT>(fwd, r, zbuf, ubuf);
+      bwd_row<F, kHasDiv, kDiv, kDu>(bwd, r, zbuf, ubuf, dzbuf, dubuf);
+    }
+  });
+}
+
+// The backward's choices (hrm = 0: no divergence term; du) as hrm_loss_bwd.cpp makes them.
+template <class F, Div kDiv, bool kUnitT>
+void fwd_bwd_grad(const FwdJob<F>& fwd, const BwdJob<F>& bwd, int64_t n) {
+  if (bwd.o.hrm <= F(0)) return fwd_bwd_rows<F, kDiv, kUnitT, false, false>(fwd, bwd, n);
+  if (bwd.du.data != nullptr) return fwd_bwd_rows<F, kDiv, kUnitT, true, true>(fwd, bwd, n);
+  fwd_bwd_rows<F, kDiv, kUnitT, true, false>(fwd, bwd, n);
+}
+
+template <class F, Div kDiv>
+void fwd_bwd_div(const FwdJob<F>& fwd, const BwdJob<F>& bwd, int64_t n) {
+  if (fwd.p.unit_t) fwd_bwd_grad<F, kDiv, true>(fwd, bwd, n);
+  else fwd_bwd_grad<F, kDiv, false>(fwd, bwd, n);
+}
+
+template <class F>
+void fwd_bwd_typed(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
+                   const at::Tensor& grad, const Options<double>& od, const at::Tensor& loss,
+                   const at::Tensor& ce, const at::Tensor& div, const at::Tensor& entropy,
+                   const at::Tensor& stats, const at::Tensor& dz,
+                   const std::optional<at::Tensor>& du) {
+  const FwdJob<F> fwd = make_fwd_job<F>(z, u, labels, od, loss, ce, div, entropy, stats);
+  const BwdJob<F> bwd = make_bwd_job<F>(z, u, labels, fwd.stats, grad, od, dz, du);
+  const int64_t n = labels.size(0);
+  switch (fwd.p.div) {
+    case Div::kForward: return fwd_bwd_div<F, Div::kForward>(fwd, bwd, n);
+    case Div::kReverse: return fwd_bwd_div<F, Div::kReverse>(fwd, bwd, n);
+    case Div::kJsd: return fwd_bwd_div<F, Div::kJsd>(fwd, bwd, n);
+  }
+}
+
+}  // namespace
+
+void hrm_loss_fwd_bwd(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
+                      const at::Tensor& grad, const Options<double>& opt, const at::Tensor& loss,
+                      const at::Tensor& ce, const at::Tensor& div, const at::Tensor& entropy,
+                      const at::Tensor& stats, const at::Tensor& dz,
+                      const std::optional<at::Tensor>& du) {
+  if (labels.size(0) == 0) return;
+  if (stats.scalar_type() == at::kDouble)
+    fwd_bwd_typed<double>(z, u, labels, grad, opt, loss, ce, div, entropy, stats, dz, du);
+  else
+    fwd_bwd_typed<float>(z, u, labels, grad, opt, loss, ce, div, entropy, stats, dz, du);
+}
+
+}  // namespace cpu
+}  // namespace hrmkernels
