@@ -69,11 +69,13 @@ class HRMLossFwdGradFunction(torch.autograd.Function):
         dz = z if inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         du = (torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1]
               else None)
-        # the rows' gradient: what autograd gives `loss.sum() / denom` for an incoming 1
-        one = torch.ones((), dtype=torch.float32, device=z.device)
+        # the rows' gradient: what autograd gives `loss.sum() / denom` for an incoming 1 (in the
+        # loss's dtype: float64 for float64 inputs)
+        wide = torch.float64 in (z.dtype, u.dtype)
+        one = torch.ones((), dtype=torch.float64 if wide else torch.float32, device=z.device)
         scale = one if denom is None else one / denom
         loss, ce, div, entropy, _ = impl.hrm_loss_fwd_bwd(
-            z, u, labels, scale.float().expand(labels.shape[0]), hrm, temperature,
+            z, u, labels, scale.expand(labels.shape[0]), hrm, temperature,
             label_smoothing, ignore_index, beta, dz, du)
         total = loss.sum() if denom is None else loss.sum() / denom   # as reduce_outputs does
         ctx.save_for_backward(dz, du)

@@ -224,7 +224,7 @@ def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, igno
     element in bf16 instead of 10.
     """
     _require(z.device)
-    if grad.dtype != torch.float32:
+    if grad.dtype not in (torch.float32, _out_dtype(z, u)):   # float64 on CPU, for fp64 inputs
         grad = grad.float()
     return torch.ops.hrmkernels.hrm_loss_fwd_bwd(z, u, labels, grad, float(hrm),
                                                  float(temperature), float(label_smoothing),
