@@ -25,25 +25,29 @@ namespace detail {
 
 // dz (and du when kDu) of z[0, n), u[0, n) (n a multiple of the vector width), without the
 // label's one-hot term: the caller rewrites that element. Guards as in math::grad_elem.
-template <class F, bool kHasDiv, Div kDiv, bool kDu>
+// kStored: the exponentials come from the forward (Exps, fwd_row<..., kStore>) times the block's
+// factors 2^(shift - lse2) (fz, fa, fb), one multiply instead of an exp2 each.
+template <class F, bool kHasDiv, Div kDiv, bool kDu, bool kStored = false>
 void grad_block(const BwdRow<F>& r, const F* z, const F* u, int64_t n, F* dz, F* du,
-                const Ahead& ahead) {
+                const Ahead& ahead, const F* ez = nullptr, const F* ea = nullptr,
+                const F* eb = nullptr, F fz = 0, F fa = 0, F fb = 0) {
   using V = Vec<F>;
   using at::vec::fmadd;
   using at::vec::fmsub;
   const V L2E(static_cast<F>(kLog2e)), LN2(static_cast<F>(kLn2)), LZ2(r.lz2), EPS_V(r.eps_v),
       G(r.g), KA(r.ka), LA2(r.la2), LB2(r.lb2), INV_T(r.inv_t), MU(r.mu), CQ(r.cq), CP(r.cp),
       KL_QM(r.kl_qm), KL_PM(r.kl_pm), LOG2B(r.log2_beta), LOG2_1MB(r.log2_1mb), ZERO(0),
-      NEG_INF(-inf<F>());
+      NEG_INF(-inf<F>()), FZ(fz), FA(fa), FB(fb);
   for (int64_t i = 0; i < n; i += V::size()) {
     ahead(i);
     const V zv = V::loadu(z + i);
-    const V sm = fmadd(zv, L2E, -LZ2).exp2();
+    const V sm = kStored ? V::loadu(ez + i) * FZ : fmadd(zv, L2E, -LZ2).exp2();
     V d = sm - EPS_V, e = ZERO;
     if constexpr (kHasDiv) {
       const V uv = V::loadu(u + i);
       const V lq = fmadd(zv, KA, -LA2), lp = fmadd(uv, KA, -LB2);
-      const V q = r.unit_t ? sm : lq.exp2(), p = lp.exp2();
+      const V q = r.unit_t ? sm : kStored ? V::loadu(ea + i) * FA : lq.exp2();
+      const V p = kStored ? V::loadu(eb + i) * FB : lp.exp2();
       if constexpr (kDiv == Div::kForward) {
         d = fmadd(CQ, q - p, d);
         if (kDu) e = V::blendv(CP * p * fmsub(uv - zv, INV_T, MU), ZERO, uv == NEG_INF);
@@ -78,8 +82,10 @@ struct BwdJob {
   int64_t V;
 };
 
-template <class F, bool kHasDiv, Div kDiv, bool kDu>
-void bwd_row(const BwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, F* dzbuf, F* dubuf) {
+// kStored: the forward kept the row's exponentials in ex (fwd_row<..., kStore>).
+template <class F, bool kHasDiv, Div kDiv, bool kDu, bool kStored = false>
+void bwd_row(const BwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, F* dzbuf, F* dubuf,
+             const Exps<F>& ex = {}) {
   const int64_t V = job.V, y = load_label(job.labels, r);
   char* dzr = job.dz.row(r);
   char* dur = job.du.data != nullptr ? job.du.row(r) : nullptr;
@@ -106,7 +112,16 @@ void bwd_row(const BwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, F* dzbuf, F* dub
     F* dub = !kDu ? nullptr : job.du_direct ? reinterpret_cast<F*>(dur) + c0 : dubuf;
     const Ahead ahead{zr + (c0 + kBlock) * job.z.elem,
                       ur + (kHasDiv ? c0 + kBlock : 0) * job.u.elem, job.z.elem, job.u.elem};
-    grad_block<F, kHasDiv, kDiv, kDu>(br, zb, ub, nv, dzb, dub, ahead);
+    if constexpr (kStored) {
+      const int64_t b = c0 / kBlock;
+      const F* ez = br.unit_t ? ex.ea : ex.ez;
+      const F sz = br.unit_t ? ex.sa[b] : ex.sz[b];
+      grad_block<F, kHasDiv, kDiv, kDu, true>(
+          br, zb, ub, nv, dzb, dub, ahead, ez + c0, ex.ea + c0, ex.eb + c0,
+          math::exp2(sz - br.lz2), math::exp2(ex.sa[b] - br.la2), math::exp2(ex.sb[b] - br.lb2));
+    } else {
+      grad_block<F, kHasDiv, kDiv, kDu>(br, zb, ub, nv, dzb, dub, ahead);
+    }
     for (int64_t i = nv; i < n; ++i) {
       F a, b;
       grad_elem(br, zb[i], kHasDiv ? ub[i] : F(0), c0 + i, a, b);

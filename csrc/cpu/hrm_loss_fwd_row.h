@@ -47,12 +47,22 @@ Vec<F> kl_term(const Vec<F>& e, const Vec<F>& x, const Vec<F>& w) {
   return Vec<F>::blendv(Vec<F>::blendv(e * w, zero, x == -inf), inf, w == inf);
 }
 
+// Where the one-sweep path (hrm_loss_fwd_bwd.cpp, the KLs) keeps a row's exponentials for its
+// gradient pass, so that the pass multiplies instead of exponentiating again: per element the
+// streams' exp2 shifted by their block's max (ez = 2^(z log2 e - sz), ea = 2^(z ka - sa),
+// eb = 2^(u ka - sb); at T = 1 ez is ea), per block the three shifts. Null: not kept.
+template <class F>
+struct Exps {
+  F *ez = nullptr, *ea = nullptr, *eb = nullptr;   // (V,) each
+  F *sz = nullptr, *sa = nullptr, *sb = nullptr;   // one per block of kBlock elements
+};
+
 // The state of z[0, n), u[0, n) (n a multiple of the vector width): the block's maxima first,
 // so that each element costs one exp2 per stream, then the sums in vector lanes. Without
 // kGuarded, a masked (-inf) entry turns ha, ta or tb into NaN (0 * inf).
-template <class F, Div kDiv, bool kUnitT, bool kGuarded>
+template <class F, Div kDiv, bool kUnitT, bool kGuarded, bool kStore = false>
 FwdState<F> block_state(const F* z, const F* u, int64_t n, const FwdParams<F>& p,
-                        const Ahead& ahead) {
+                        const Ahead& ahead, const Exps<F>& ex = {}, int64_t c0 = 0) {
   using V = Vec<F>;
   using at::vec::fmadd;
   const F l2e = static_cast<F>(kLog2e);
@@ -74,16 +84,28 @@ FwdState<F> block_state(const F* z, const F* u, int64_t n, const FwdParams<F>& p
     const V zv = V::loadu(z + i), uv = V::loadu(u + i);
     const V xa = fmadd(zv, KA, -AS);
     const V ea = xa.exp2();
+    if constexpr (kStore) ea.store(ex.ea + c0 + i);
     sa = sa + ea;
     ha = kGuarded ? ha + V::blendv(ea * xa, ZERO, zv == NEG_INF) : fmadd(ea, xa, ha);
-    if (!kUnitT) sz = sz + fmadd(zv, L2E, -ZS).exp2();
+    if (!kUnitT) {
+      const V ez = fmadd(zv, L2E, -ZS).exp2();
+      if constexpr (kStore) ez.store(ex.ez + c0 + i);
+      sz = sz + ez;
+    }
     const V eb = fmadd(uv, KA, -BS).exp2();
+    if constexpr (kStore) eb.store(ex.eb + c0 + i);
     sb = sb + eb;
     if (kDiv == Div::kForward)
       tb = kGuarded ? tb + kl_term(eb, uv, uv - zv) : fmadd(eb, uv - zv, tb);
     if (kDiv == Div::kReverse)
       ta = kGuarded ? ta + kl_term(ea, zv, zv - uv) : fmadd(ea, zv - uv, ta);
     sum_z = sum_z + zv;
+  }
+  if constexpr (kStore) {
+    const int64_t b = c0 / kBlock;
+    ex.sz[b] = finite_or_zero(blk.mz);
+    ex.sa[b] = finite_or_zero(blk.ma);
+    ex.sb[b] = finite_or_zero(blk.mb);
   }
   blk.sz = hsum(sz);
   blk.sa = hsum(sa);
@@ -98,12 +120,12 @@ FwdState<F> block_state(const F* z, const F* u, int64_t n, const FwdParams<F>& p
 // Fold z[0, n), u[0, n) (n a multiple of the vector width) into st. Blocks with masked
 // entries are rare, so the guards are paid only where the unguarded sums came out NaN (or on
 // NaN logits, which stay NaN).
-template <class F, Div kDiv, bool kUnitT>
+template <class F, Div kDiv, bool kUnitT, bool kStore>
 void fold_block(FwdState<F>& st, const F* z, const F* u, int64_t n, const FwdParams<F>& p,
-                const Ahead& ahead) {
-  FwdState<F> blk = block_state<F, kDiv, kUnitT, false>(z, u, n, p, ahead);
+                const Ahead& ahead, const Exps<F>& ex, int64_t c0) {
+  FwdState<F> blk = block_state<F, kDiv, kUnitT, false, kStore>(z, u, n, p, ahead, ex, c0);
   if (std::isnan(blk.ha + blk.ta + blk.tb))
-    blk = block_state<F, kDiv, kUnitT, true>(z, u, n, p, ahead);
+    blk = block_state<F, kDiv, kUnitT, true, kStore>(z, u, n, p, ahead, ex, c0);
   st = FwdState<F>::merge(st, blk);
 }
 
@@ -148,8 +170,9 @@ struct FwdJob {
   }
 };
 
-template <class F, Div kDiv, bool kUnitT>
-void fwd_row(const FwdJob<F>& job, int64_t r, F* zbuf, F* ubuf) {
+// kStore: keep the exponentials in ex (the KLs; the JSD's gradient needs its logs instead).
+template <class F, Div kDiv, bool kUnitT, bool kStore = false>
+void fwd_row(const FwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, const Exps<F>& ex = {}) {
   const int64_t V = job.V, y = load_label(job.labels, r);
   if (y == job.o.ignore_index) {
     job.loss[r] = job.ce[r] = job.div[r] = job.entropy[r] = F(0);
@@ -162,7 +185,7 @@ void fwd_row(const FwdJob<F>& job, int64_t r, F* zbuf, F* ubuf) {
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int64_t n = std::min(kBlock, V - c0), nv = n - n % W;
     const auto [zb, ub, ahead] = job.block(zr, ur, c0, n, zbuf, ubuf);
-    fold_block<F, kDiv, kUnitT>(st, zb, ub, nv, job.p, ahead);
+    fold_block<F, kDiv, kUnitT, kStore>(st, zb, ub, nv, job.p, ahead, ex, c0);
     fold_scalar(st, zb + nv, ub + nv, n - nv, job.p);
   }
   const bool valid = y >= 0 && y < V;   // an out-of-range label is never dereferenced
