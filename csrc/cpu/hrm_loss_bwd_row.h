@@ -27,10 +27,11 @@ namespace detail {
 // label's one-hot term: the caller rewrites that element. Guards as in math::grad_elem.
 // kStored: the exponentials come from the forward (Exps, fwd_row<..., kStore>) times the block's
 // factors 2^(shift - lse2) (fz, fa, fb), one multiply instead of an exp2 each.
+// nt: dz is stored past the caches (aligned; the one-sweep path, whose dz is not read again).
 template <class F, bool kHasDiv, Div kDiv, bool kDu, bool kStored = false>
 void grad_block(const BwdRow<F>& r, const F* z, const F* u, int64_t n, F* dz, F* du,
                 const Ahead& ahead, const F* ez = nullptr, const F* ea = nullptr,
-                const F* eb = nullptr, F fz = 0, F fa = 0, F fb = 0) {
+                const F* eb = nullptr, F fz = 0, F fa = 0, F fb = 0, bool nt = false) {
   using V = Vec<F>;
   using at::vec::fmadd;
   using at::vec::fmsub;
@@ -62,7 +63,8 @@ void grad_block(const BwdRow<F>& r, const F* z, const F* u, int64_t n, F* dz, F*
         if (kDu) e = V::blendv(CP * p * fmsub(lp - lm, LN2, KL_PM), ZERO, uv == NEG_INF);
       }
     }
-    (G * d).store(dz + i);
+    if (kStored && nt) store_nt(G * d, dz + i);
+    else (G * d).store(dz + i);
     if (kDu) (G * e).store(du + i);
   }
 }
@@ -112,13 +114,16 @@ void bwd_row(const BwdJob<F>& job, int64_t r, F* zbuf, F* ubuf, F* dzbuf, F* dub
     F* dub = !kDu ? nullptr : job.du_direct ? reinterpret_cast<F*>(dur) + c0 : dubuf;
     const Ahead ahead{zr + (c0 + kBlock) * job.z.elem,
                       ur + (kHasDiv ? c0 + kBlock : 0) * job.u.elem, job.z.elem, job.u.elem};
+    // the one-sweep path writes an fp32 / fp64 dz past the caches where its row is aligned
+    const bool nt = kStored && job.dz_direct && nt_aligned(dzr) && dzr != zr;
     if constexpr (kStored) {
       const int64_t b = c0 / kBlock;
       const F* ez = br.unit_t ? ex.ea : ex.ez;
       const F sz = br.unit_t ? ex.sa[b] : ex.sz[b];
       grad_block<F, kHasDiv, kDiv, kDu, true>(
           br, zb, ub, nv, dzb, dub, ahead, ez + c0, ex.ea + c0, ex.eb + c0,
-          math::exp2(sz - br.lz2), math::exp2(ex.sa[b] - br.la2), math::exp2(ex.sb[b] - br.lb2));
+          math::exp2(sz - br.lz2), math::exp2(ex.sa[b] - br.la2), math::exp2(ex.sb[b] - br.lb2),
+          nt);
     } else {
       grad_block<F, kHasDiv, kDiv, kDu>(br, zb, ub, nv, dzb, dub, ahead);
     }

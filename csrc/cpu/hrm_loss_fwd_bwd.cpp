@@ -11,7 +11,9 @@
 // multiplies them by one factor per block (2^(shift - lse2)) instead of three exp2 an element:
 // the CPU kernels are bound by the exp2s (about 3 ns an element and core for the forward, far
 // below memory speed), so reading less memory alone saves little. 12 B a row element of
-// buffers per thread (384 KB at V = 32000, in L2 with the row). The outputs of the forward are
+// buffers per thread (384 KB at V = 32000, in L2 with the row); an fp32 dz goes past the
+// caches (non-temporal stores, where the row is aligned: no read for ownership of its lines,
+// the gradient is not read again before the backward). The outputs of the forward are
 // bitwise those of hrm_loss_fwd; the gradients differ from hrm_loss_bwd's by the rounding of
 // 2^a 2^b against 2^(a + b) (an ulp of fp32). The JSD, hrm = 0 and larger V take the
 // forward's and the backward's row code as they are, one after the other.
@@ -51,6 +53,7 @@ void fwd_bwd_rows(const FwdJob<F>& fwd, const BwdJob<F>& bwd, int64_t n_rows) {
       fwd_row<F, kDiv, kUnitT, kStore>(fwd, r, zbuf, ubuf, ex);
       bwd_row<F, kHasDiv, kDiv, kDu, kStore>(bwd, r, zbuf, ubuf, dzbuf, dubuf, ex);
     }
+    if (kStore) fence_nt();   // the non-temporal stores of dz, before the task ends
   });
 }
 
