@@ -1,13 +1,15 @@
 // The hrmkernels custom ops: their TORCH_LIBRARY schemas, which every build has (a CPU-only
 // torch included). Each device registers its implementations in its own file:
 //
-//   cpu/hrm_loss_cpu.cpp     CPU: hrm_loss_fwd, hrm_loss_bwd
-//   cuda/hrm_loss_cuda.cpp   CUDA: all four (built only with a CUDA toolkit and a CUDA torch)
+//   cpu/hrm_loss_cpu.cpp     CPU: hrm_loss_fwd, hrm_loss_bwd, hrm_loss_fwd_bwd (one sweep a
+//                            row), hrm_loss_scale_grad
+//   cuda/hrm_loss_cuda.cpp   CUDA: the first four (built only with a CUDA toolkit and a CUDA torch)
 //
 //   hrm_loss_fwd      forward: loss, ce, div, entropy (N,) and the stats (N, 5) the backward needs
 //   hrm_loss_bwd      backward: writes dz (and du) from the stats and the rows' gradients
 //   hrm_loss_fwd_bwd  both at once for gradients known up front (one pass on Hopper)
 //   hrm_loss_fwd_bwd_cluster_size   CTAs per row hrm_loss_fwd_bwd uses (0: two kernels)
+//   hrm_loss_scale_grad   dz (and du) *= grad, a 0-d tensor; nothing when it is exactly 1
 //
 // beta selects the divergence: 0 forward KL(p || q), 1 reverse KL(q || p), in between the
 // generalised JSD_beta (csrc/hrm_loss_math.h). Python (hrmkernels/kernels/native.py) registers
@@ -39,4 +41,5 @@ TORCH_LIBRARY(hrmkernels, m) {
       "float temperature, float label_smoothing, int ignore_index, float beta, "
       "Tensor(a!) dz, Tensor(b!)? du) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("hrm_loss_fwd_bwd_cluster_size(Tensor z, Tensor u, Tensor dz, Tensor? du) -> int");
+  m.def("hrm_loss_scale_grad(Tensor grad, Tensor(a!) dz, Tensor(b!)? du) -> ()");
 }

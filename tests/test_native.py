@@ -527,3 +527,218 @@ def test_cuda_binding_errors_name_the_problem():
         native.hrm_loss_fwd(z, z, y[:3], 0.5, 1.0, 0.0, -100, 0.0)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         torch.ops.hrmkernels.hrm_loss_fwd(z, z.cpu(), y, 0.5, 1.0, 0.0, -100, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the gradient in the forward (reduction "mean" / "sum": HRMLossFwdGradFunction runs
+# hrm_loss_fwd_bwd, one sweep a row, and its backward only scales by the incoming gradient)
+
+CPU_ONLY = pytest.mark.skipif(WHY["cpu"] is not None, reason=str(WHY["cpu"]))
+
+
+def _fwd_grad_run(zl, ul, vz, vu, y, g, teacher_grad, two_calls, inplace=False, **kw):
+    """Loss and gradients of g * loss on the cpu backend: the one-sweep path, or the two calls
+    (reduction "none", then reduced here as api/reduction.py does)."""
+    zl = zl.detach().clone().requires_grad_()
+    ul = ul.detach().clone().requires_grad_(teacher_grad)
+    zin = zl * 1.0 if inplace else zl      # inplace_backward overwrites a non-leaf's storage
+    red, n_items = kw.pop("reduction"), kw.pop("num_items_in_batch", None)
+    if two_calls:
+        rows = fused_hrm_loss(vz(zin), vu(ul), y, backend="cpu", reduction="none", **kw)
+        loss = rows.sum()
+        if red == "mean":
+            from hrmkernels.api.reduction import mean_denominator
+            loss = loss / mean_denominator(y, -100, n_items)
+    else:
+        loss = fused_hrm_loss(vz(zin), vu(ul), y, backend="cpu", reduction=red,
+                              num_items_in_batch=n_items, inplace_backward=inplace, **kw)
+        assert type(loss.grad_fn).__name__ == "HRMLossFwdGradFunctionBackward"
+    (loss * g if g != 1 else loss).backward()
+    return loss.detach(), zl.grad, ul.grad
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("reduction,n_items", [("sum", None), ("mean", None), ("mean", 37),
+                                               ("mean", "tensor")])
+@pytest.mark.parametrize("beta,t,eps", [(0.0, 2.0, 0.1), (1.0, 1.0, 0.0), (0.3, 0.5, 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("v", [7, 1041])
+@pytest.mark.parametrize("g", [1.0, 0.37])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cpu_gradient_in_forward_matches_two_calls_and_reference(
+        reduction, n_items, beta, t, eps, dtype, v, g, teacher_grad, inplace):
+    torch.manual_seed(v + int(100 * beta))
+    zl, ul, vz, vu = _make("cpu", (2, 5), v, dtype, dtype, layout="shifted")   # [:, :-1] views
+    y = torch.randint(0, v, (2, 5))
+    y[..., ::3] = -100
+    n_items = torch.tensor(37) if n_items == "tensor" else n_items
+    div = (dict(jsd_beta=beta) if 0 < beta < 1
+           else dict(kl_direction=("forward", "reverse")[int(beta)]))
+    kw = dict(hrm=0.5, temperature=t, label_smoothing=eps, reduction=reduction,
+              num_items_in_batch=n_items, **div)
+    one = _fwd_grad_run(zl, ul, vz, vu, y, g, teacher_grad, False, inplace, **kw)
+    two = _fwd_grad_run(zl, ul, vz, vu, y, g, teacher_grad, True, **kw)
+    assert torch.equal(one[0], two[0])                     # the same loss, bit for bit
+    for a, b in zip(one[1:], two[1:]):
+        assert (a is None) == (b is None)
+        if a is not None and (g != 1 or beta in (0.0, 1.0)):
+            # the KLs' gradient from the forward's exponentials (2^a 2^b, not 2^(a + b)), and
+            # scaled after rounding to the dtype: an ulp or two
+            torch.testing.assert_close(a, b, rtol=2 ** -6 if dtype in HALF else 1e-5,
+                                       atol=1e-6 * b.abs().max().item())
+        elif a is not None:   # the JSD at grad 1: the backward's own row code, bit for bit
+            assert torch.equal(a, b)
+    assert one[2] is None or teacher_grad
+    dz = one[1]
+    assert torch.all(vz(dz)[y == -100] == 0) and torch.all(dz[:, -1] == 0)   # ignored, outside
+    # the float64 reference
+    zr = zl.detach().double().requires_grad_()
+    ur = ul.detach().double().requires_grad_(teacher_grad)
+    ref = hrm_loss_reference(vz(zr), vu(ur), y, **kw)
+    (ref * g).backward()
+    torch.testing.assert_close(one[0].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    mag = max(1.0, max(zl.abs().max().item(), ul.abs().max().item()) / t)   # as check()
+    floor = 5e-7 * g * math.sqrt(y.numel()) * (1 + 0.5 / t * mag)
+    for d, d_ref in ((one[1], zr.grad), (one[2], ur.grad)):
+        if d is None:
+            continue
+        err, size = (d.double() - d_ref).norm().item(), d_ref.norm().item()
+        assert err <= (1e-2 if dtype in HALF else 1e-5) * size + floor, (err, size)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_cpu_gradient_in_forward_hrm_zero_and_no_teacher(beta):
+    z = torch.randn(2, 9, 100)
+    y = torch.randint(0, 100, (2, 9))
+    for teacher in (None, torch.randn(2, 9, 100)):
+        kw = dict(jsd_beta=beta) if beta else {}
+        grads = []
+        for red in ("mean", "none"):
+            zl = z.clone().requires_grad_()
+            loss = fused_hrm_loss(zl, teacher, y, 0.0, backend="cpu", reduction=red, **kw)
+            (loss if red == "mean" else loss.mean()).backward()
+            grads.append(zl.grad)
+        assert torch.equal(*grads)
+
+
+@CPU_ONLY
+def test_cpu_scale_grad_skips_at_exactly_one():
+    # A stride-0 dz cannot be written (mul_ raises on overlapping memory): at grad == 1 the op
+    # returns before touching it; any other value scales, NaN included.
+    shared = torch.ones(1).expand(4, 1000)
+    native.hrm_loss_scale_grad(torch.tensor(1.0), shared, None)
+    native.hrm_loss_scale_grad(torch.tensor(1.0, dtype=torch.float64), shared, shared)
+    with pytest.raises(RuntimeError):
+        native.hrm_loss_scale_grad(torch.tensor(0.37), shared, None)
+    dz, du = torch.randn(3, 50), torch.randn(3, 50).bfloat16()
+    dz0, du0 = dz.clone(), du.clone()
+    native.hrm_loss_scale_grad(torch.tensor(0.37), dz, du)
+    torch.testing.assert_close(dz, dz0 * 0.37)
+    torch.testing.assert_close(du, du0 * 0.37)
+    native.hrm_loss_scale_grad(torch.tensor(float("nan")), dz, None)
+    assert dz.isnan().all()
+
+
+@CPU_ONLY
+def test_cpu_gradient_in_forward_backward_returns_the_buffer():
+    # inplace_backward: the gradient is the logits' own storage, written in the forward; an
+    # incoming 1 returns it as-is (same memory, same bits), 0.37 scales it there.
+    z = torch.randn(2, 5, 1041)
+    u = torch.randn(2, 5, 1041)
+    y = torch.randint(0, 1041, (2, 5))
+    results = []
+    for g in (1.0, 0.37):
+        buf = z.clone().requires_grad_() * 1.0
+        loss = fused_hrm_loss(buf, u, y, 0.5, backend="cpu", inplace_backward=True)
+        forward_grad = buf.detach().clone()   # written by the forward
+        (dz,) = torch.autograd.grad(loss * g if g != 1 else loss, buf)
+        assert dz.data_ptr() == buf.data_ptr()
+        results.append((forward_grad, dz))
+    assert torch.equal(results[0][1], results[0][0])
+    torch.testing.assert_close(results[1][1], results[1][0] * 0.37)
+
+
+@CPU_ONLY
+def test_cpu_gradient_in_forward_only_when_a_gradient_is_wanted():
+    z = torch.randn(2, 5, 300)
+    u = torch.randn(2, 5, 300)
+    y = torch.randint(0, 300, (2, 5))
+    before = z.clone()
+    with torch.no_grad():   # no gradient: the logits are left alone even with inplace_backward
+        fused_hrm_loss(z.requires_grad_(), u, y, 0.5, backend="cpu", inplace_backward=True)
+    assert torch.equal(z.detach(), before)
+    loss = fused_hrm_loss(z.detach(), u, y, 0.5, backend="cpu")
+    assert loss.grad_fn is None
+    zl = z.detach().requires_grad_()
+    loss = fused_hrm_loss(zl, u, y, 0.5, backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("v", [1000, 65537])     # the exponentials kept (KLs), or not (V > 2^16)
+@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_cpu_fwd_bwd_op_matches_the_two_ops(v, t, beta):
+    n = 40 if v < 4096 else 3
+    z, u = torch.randn(1, n, v) * 3, torch.randn(1, n, v) * 3
+    y = torch.randint(0, v, (n,))
+    y[::5] = -100
+    grad = torch.rand(n)
+    args = (0.5, t, 0.1, -100, beta)
+    out = native.hrm_loss_fwd(z, u, y, *args)
+    dz, du = torch.empty_like(z), torch.empty_like(u)
+    native.hrm_loss_bwd(z, u, y, out[4], grad, *args, dz, du)
+    dz1, du1 = torch.empty_like(z), torch.empty_like(u)
+    got = native.hrm_loss_fwd_bwd(z, u, y, grad, *args, dz1, du1)
+    for a, b in zip(out, got):
+        assert torch.equal(a, b)     # the forward's outputs, bit for bit
+    for a, b in ((dz, dz1), (du, du1)):
+        if beta == 0.3 or v > 65536:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_cpu_gradient_in_forward_non_finite(beta):
+    # masked (-inf) entries in both models, peaked rows (denormals flushed), a NaN in one
+    # teacher row and one student row: the one-sweep path as the two calls (design.md).
+    zl, ul, vz, vu = _make("cpu", (6,), 1041, torch.float32, torch.float32, scale=30.0,
+                           masked=True)
+    y = vz(zl).argmax(-1)
+    ul[1, 500] = float("nan")
+    zl[2, 17] = float("nan")
+    y[4] = -100
+    div = (dict(jsd_beta=beta) if 0 < beta < 1
+           else dict(kl_direction=("forward", "reverse")[int(beta)]))
+    kw = dict(hrm=0.5, temperature=2.0, reduction="sum", **div)
+    one = _fwd_grad_run(zl, ul, vz, vu, y, 0.37, True, False, **kw)
+    two = _fwd_grad_run(zl, ul, vz, vu, y, 0.37, True, True, **kw)
+    torch.testing.assert_close(one[0], two[0], equal_nan=True)
+    for a, b in zip(one[1:], two[1:]):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.all(a[4] == 0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.nan_to_num().abs().max(),
+                                   equal_nan=True)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("dtype,tdtype", [(torch.float16, torch.float32),
+                                          (torch.float64, torch.float64),
+                                          (torch.bfloat16, torch.float16)], ids=str)
+def test_cpu_gradient_in_forward_other_dtypes(dtype, tdtype):
+    zl, ul, vz, vu = _make("cpu", (3,), 1025, dtype, tdtype, layout="odd")
+    y = torch.randint(0, 1025, (3,))
+    kw = dict(hrm=0.5, temperature=2.0, reduction="mean")
+    one = _fwd_grad_run(zl, ul, vz, vu, y, 1.0, True, False, **kw)
+    two = _fwd_grad_run(zl, ul, vz, vu, y, 1.0, True, True, **kw)
+    assert one[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(one[0], two[0])
+    for a, b in zip(one[1:], two[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2 ** -6 if dtype in HALF else 1e-5,
+                                   atol=1e-6 * b.abs().max().item())

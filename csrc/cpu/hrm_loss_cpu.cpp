@@ -1,6 +1,6 @@
 // The CPU implementations of the hrmkernels ops (schemas: csrc/hrm_loss.cpp): check the
-// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_fwd.cpp and
-// hrm_loss_bwd.cpp (declared in hrm_loss_kernels.h).
+// tensors, allocate the forward's outputs, and run the kernels of hrm_loss_fwd.cpp,
+// hrm_loss_bwd.cpp and hrm_loss_fwd_bwd.cpp (declared in hrm_loss_kernels.h).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -83,10 +83,45 @@ void hrm_loss_bwd_cpu(const at::Tensor& z, const at::Tensor& u, const at::Tensor
                     options(hrm, temperature, label_smoothing, ignore_index, beta), dz, du);
 }
 
+// Both at once, for a grad known before the forward (reduction "mean" / "sum": the rows'
+// gradient scale): one sweep over each row, the row's gradient written while it is in cache.
+FwdOutputs hrm_loss_fwd_bwd_cpu(const at::Tensor& z, const at::Tensor& u,
+                                const at::Tensor& labels, const at::Tensor& grad, double hrm,
+                                double temperature, double label_smoothing, int64_t ignore_index,
+                                double beta, const at::Tensor& dz,
+                                const std::optional<at::Tensor>& du) {
+  check_inputs(kCpu, z, u, labels, hrm, temperature, label_smoothing, beta);
+  check_label_range(labels, z.size(2), ignore_index);
+  FwdOutputs out = empty_outputs(z, u, labels.size(0));
+  const auto& [loss, ce, div, entropy, stats] = out;
+  check_grads(kCpu, z, u, stats, grad, dz, du);
+  if (dz.data_ptr() != z.data_ptr()) advise_huge_pages(dz);
+  if (du.has_value() && du->data_ptr() != u.data_ptr()) advise_huge_pages(*du);
+  cpu::hrm_loss_fwd_bwd(z, u, labels, grad,
+                        options(hrm, temperature, label_smoothing, ignore_index, beta), loss, ce,
+                        div, entropy, stats, dz, du);
+  return out;
+}
+
+// dz (and du) *= grad, a 0-d CPU tensor read here (host memory: no sync), and nothing at all
+// when it is exactly 1 (the gradient computed in the forward is returned untouched).
+void hrm_loss_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& dz,
+                             const std::optional<at::Tensor>& du) {
+  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == 1, kCpu.name,
+              ": grad must be a one-element CPU tensor, got ", grad.sizes(), " on ",
+              grad.device());
+  const double g = grad.item<double>();
+  if (g == 1.0) return;
+  dz.mul_(g);
+  if (du.has_value()) du->mul_(g);
+}
+
 }  // namespace
 }  // namespace hrmkernels
 
 TORCH_LIBRARY_IMPL(hrmkernels, CPU, m) {
   m.impl("hrm_loss_fwd", &hrmkernels::hrm_loss_fwd_cpu);
   m.impl("hrm_loss_bwd", &hrmkernels::hrm_loss_bwd_cpu);
+  m.impl("hrm_loss_fwd_bwd", &hrmkernels::hrm_loss_fwd_bwd_cpu);
+  m.impl("hrm_loss_scale_grad", &hrmkernels::hrm_loss_scale_grad_cpu);
 }

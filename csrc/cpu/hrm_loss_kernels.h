@@ -25,5 +25,13 @@ void hrm_loss_bwd(const at::Tensor& z, const at::Tensor& u, const at::Tensor& la
                   const math::Options<double>& opt, const at::Tensor& dz,
                   const std::optional<at::Tensor>& du);
 
+// hrm_loss_fwd and hrm_loss_bwd in one sweep over each row, for a grad known before the
+// forward: the outputs of hrm_loss_fwd, and dz (may alias z) and du as hrm_loss_bwd writes them.
+void hrm_loss_fwd_bwd(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
+                      const at::Tensor& grad, const math::Options<double>& opt,
+                      const at::Tensor& loss, const at::Tensor& ce, const at::Tensor& div,
+                      const at::Tensor& entropy, const at::Tensor& stats, const at::Tensor& dz,
+                      const std::optional<at::Tensor>& du);
+
 }  // namespace cpu
 }  // namespace hrmkernels

@@ -5,9 +5,10 @@ from hrmkernels import backends
 from hrmkernels._checks import (TOPK_MODES, _choice, check_num_items, check_options,
                                 check_teacher_topk, check_tensors, divergence_beta)
 from hrmkernels.kernels import check_label_range
-from hrmkernels.autograd.hrm_loss import HRMLossFunction, HRMTopKLossFunction
+from hrmkernels.autograd.hrm_loss import (HRMLossFunction, HRMLossFwdGradFunction,
+                                          HRMTopKLossFunction)
 from hrmkernels.autograd.vocab_parallel import VocabParallelHRMLossFunction, shard_layout
-from hrmkernels.api.reduction import reduce_outputs
+from hrmkernels.api.reduction import mean_denominator, reduce_outputs
 
 
 def next_token_labels(labels, rows_shape, ignore_index):
@@ -95,7 +96,10 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         return_components: return ``HRMLoss(loss, ce, kl)``, ce and kl detached, same reduction;
             its attribute ``entropy`` is the student's entropy H(softmax(z / T)), reduced alike.
         inplace_backward: write the student gradient into student_logits' storage (saves one
-            N x V buffer; the logits are garbage after backward).
+            N x V buffer; the logits are garbage after backward). On the cpu backend with
+            reduction "mean" or "sum" the gradient is computed in the forward (one sweep a row)
+            and the logits are overwritten there, after the loss has been computed from them:
+            garbage as soon as this call returns.
         process_group: vocabulary parallelism. Student and teacher logits are this rank's slice
             of the vocabulary (equal slices in rank order, or starting at `vocab_start_index`);
             labels are global. Every rank gets the loss over the whole vocabulary after two
@@ -146,6 +150,15 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
         num_items_in_batch = check_num_items(num_items_in_batch, student_logits.device, reduction)
         impl = backends.resolve(backend, student_logits.device, dtype=_dtype(student_logits,
                                                                              teacher_logits))
+        if not sharded and _gradient_in_forward(impl, student_logits, reduction):
+            denom = (mean_denominator(labels, ignore_index, num_items_in_batch)
+                     if reduction == "mean" else None)
+            total, *out = HRMLossFwdGradFunction.apply(
+                student_logits, teacher_logits, labels, denom, *options, impl,
+                bool(inplace_backward))
+            return reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch,
+                                  return_components, shifted=shift_labels, denom=denom,
+                                  reduced_loss=total)
         args = (student_logits, teacher_logits, labels, *options, impl, bool(inplace_backward))
         out = (VocabParallelHRMLossFunction.apply(*args, process_group, start, v) if sharded
                else HRMLossFunction.apply(*args))
@@ -162,6 +175,16 @@ def fused_hrm_loss(student_logits, teacher_logits=None, labels=None, hrm=None, *
                                         topk_mode == "renormalize", impl, bool(inplace_backward))
     return reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch,
                           return_components, shifted=shift_labels)
+
+
+def _gradient_in_forward(impl, student_logits, reduction):
+    """Whether the loss takes HRMLossFwdGradFunction: reduction "mean" or "sum" (each row's
+    gradient scale is known in the forward), a backend that computes the gradient in the same
+    sweep (the C++ CPU kernels), and a student gradient that will be asked for (grad mode on,
+    logits requiring grad; else nothing would be written). Python bools only: no sync."""
+    available = getattr(impl, "fwd_grad_available", None)
+    return (reduction != "none" and available is not None and available(student_logits.device)
+            and torch.is_grad_enabled() and student_logits.requires_grad)
 
 
 def _dtype(*tensors):

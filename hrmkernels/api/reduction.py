@@ -47,11 +47,12 @@ def mean_denominator(labels, ignore_index, num_items_in_batch):
 
 
 def reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch, return_components,
-                   shifted=False):
+                   shifted=False, denom=None, reduced_loss=None):
     """Per-token (loss, ce, div, entropy), each (N,), reduced as the API promises: "none" shaped
     like the labels (without the padded last position of each sequence when `shifted`: the
-    shape of ``labels[..., 1:]``), "sum", or "mean" over mean_denominator. The loss, or
-    HRMLoss with detached parts."""
+    shape of ``labels[..., 1:]``), "sum", or "mean" over mean_denominator (or `denom`, when the
+    caller has it). The loss, or HRMLoss with detached parts. `reduced_loss`: the loss already
+    reduced by the autograd Function (HRMLossFwdGradFunction), returned in place of out[0]'s."""
     if reduction == "none":
         out = [t.view(labels.shape) for t in out]
         if shifted:
@@ -59,8 +60,11 @@ def reduce_outputs(out, labels, ignore_index, reduction, num_items_in_batch, ret
     else:
         out = [t.sum() for t in out]
         if reduction == "mean":
-            denom = mean_denominator(labels, ignore_index, num_items_in_batch)
+            if denom is None:
+                denom = mean_denominator(labels, ignore_index, num_items_in_batch)
             out = [t / denom for t in out]
+    if reduced_loss is not None:
+        out[0] = reduced_loss
     loss, ce, div, entropy = out
     if not return_components:
         return loss

@@ -1,4 +1,5 @@
-"""HRMLossFunction and HRMTopKLossFunction: autograd Functions over a backend's launchers.
+"""HRMLossFunction, HRMLossFwdGradFunction and HRMTopKLossFunction: autograd Functions over a
+backend's launchers.
 
 `impl` is the backend's launcher module (backends.resolve); its launchers call custom ops
 (torch.ops.hrmkernels.*), so torch.compile(fullgraph=True) traces these Functions without a
@@ -44,6 +45,57 @@ class HRMLossFunction(torch.autograd.Function):
         ctx.impl.hrm_loss_bwd(z, u, labels, stats, grad_loss.reshape(-1), *ctx.options, dz, du)
         du = du.reshape(teacher_logits.shape) if du is not None else None
         return dz.reshape(student_logits.shape), du, *(None,) * 8
+
+
+class HRMLossFwdGradFunction(torch.autograd.Function):
+    """HRMLossFunction with the reduction inside, for "mean" and "sum", where each row's gradient
+    scale is known in the forward (1 / denom, or 1 when `denom` is None): the gradients are
+    computed in the forward, in the same sweep over each row (impl.hrm_loss_fwd_bwd; the CPU
+    kernels), and saved. Returns the reduced loss (differentiable) and the per-token loss, CE,
+    D and entropy (N,) (not differentiable), which api/reduction.py reduces.
+
+    The backward only scales the saved gradients by the incoming one, inside a C++ op that reads
+    that scalar (a CPU tensor) and touches nothing when it is exactly 1. It scales them in
+    place, so it runs once (a second backward through the same graph raises). With
+    `inplace_backward` the student gradient overwrites the logits during this forward, after
+    each row's loss has been computed from them.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, denom, hrm, temperature,
+                label_smoothing, ignore_index, beta, impl, inplace_backward):
+        labels = labels.reshape(-1).contiguous()
+        z, u = rows_view(student_logits), rows_view(teacher_logits)
+        dz = z if inplace_backward else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        du = (torch.empty(u.shape, dtype=u.dtype, device=u.device) if ctx.needs_input_grad[1]
+              else None)
+        # the rows' gradient: what autograd gives `loss.sum() / denom` for an incoming 1 (in the
+        # loss's dtype: float64 for float64 inputs)
+        wide = torch.float64 in (z.dtype, u.dtype)
+        one = torch.ones((), dtype=torch.float64 if wide else torch.float32, device=z.device)
+        scale = one if denom is None else one / denom
+        loss, ce, div, entropy, _ = impl.hrm_loss_fwd_bwd(
+            z, u, labels, scale.expand(labels.shape[0]), hrm, temperature,
+            label_smoothing, ignore_index, beta, dz, du)
+        total = loss.sum() if denom is None else loss.sum() / denom   # as reduce_outputs does
+        ctx.save_for_backward(dz, du)
+        ctx.shapes = (student_logits.shape, teacher_logits.shape)
+        ctx.impl, ctx.done = impl, False
+        ctx.mark_non_differentiable(loss, ce, div, entropy)
+        return total, loss, ce, div, entropy
+
+    @staticmethod
+    def backward(ctx, grad_total, *_grad_rows):
+        if ctx.done:
+            raise RuntimeError("fused_hrm_loss computed its gradient in the forward and scales it "
+                               "in place: backward through it runs once (retain_graph=True and a "
+                               "second backward are not supported with reduction 'mean'/'sum' "
+                               "on the cpu backend)")
+        ctx.done = True
+        dz, du = ctx.saved_tensors
+        ctx.impl.hrm_loss_scale_grad(grad_total, dz, du)
+        du = du.reshape(ctx.shapes[1]) if du is not None else None
+        return dz.reshape(ctx.shapes[0]), du, *(None,) * 9
 
 
 class HRMTopKLossFunction(torch.autograd.Function):

@@ -173,6 +173,10 @@ def _register_fakes():
           dz, du):
         return None
 
+    @torch.library.register_fake("hrmkernels::hrm_loss_scale_grad")
+    def _(grad, dz, du):
+        return None
+
 
 def _require(device):
     if not _loaded:
@@ -210,20 +214,34 @@ def hrm_loss_bwd(z, u, labels, stats, grad, hrm, temperature, label_smoothing, i
 
 def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, ignore_index, beta,
                      dz, du):
-    """hrm_loss_fwd and hrm_loss_bwd in one call, for rows' gradients known before the forward
-    (CUDA only).
+    """hrm_loss_fwd and hrm_loss_bwd in one call, for rows' gradients known before the forward.
 
     Returns loss, ce, div, entropy, stats as hrm_loss_fwd and writes dz (and du) as
-    hrm_loss_bwd. On Hopper, for the KL (beta 0 or 1), 16-byte aligned rows and V % 8 == 0, one
+    hrm_loss_bwd; dz may be z itself (each row's loss is computed before its gradient
+    overwrites it). On CPU tensors, one sweep over each row: the gradient pass reads the row
+    while the forward has left it in cache (csrc/cpu/hrm_loss_fwd_bwd.cpp). On Hopper, for the KL (beta 0 or 1), 16-byte aligned rows and V % 8 == 0, one
     kernel keeps each row on chip (a thread-block cluster) and reads z and u once: 6 bytes per
     element in bf16 instead of 10.
     """
     _require(z.device)
-    if grad.dtype != torch.float32:
+    if grad.dtype not in (torch.float32, _out_dtype(z, u)):   # float64 on CPU, for fp64 inputs
         grad = grad.float()
     return torch.ops.hrmkernels.hrm_loss_fwd_bwd(z, u, labels, grad, float(hrm),
                                                  float(temperature), float(label_smoothing),
                                                  int(ignore_index), float(beta), dz, du)
+
+
+def fwd_grad_available(device):
+    """True where hrm_loss_fwd_bwd and hrm_loss_scale_grad run (CPU tensors, extension loaded):
+    the autograd path that computes the gradient in the forward (HRMLossFwdGradFunction)."""
+    return device.type == "cpu" and _loaded and "cpu" in _devices
+
+
+def hrm_loss_scale_grad(grad, dz, du=None):
+    """dz (and du) *= grad, a one-element CPU tensor read inside the op (no Python branch on
+    its value, no sync); when grad is exactly 1, nothing is touched (CPU only)."""
+    _require(dz.device)
+    torch.ops.hrmkernels.hrm_loss_scale_grad(grad, dz, du)
 
 
 def fwd_bwd_cluster_size(z, u, dz, du=None):
