@@ -12,7 +12,7 @@ hrmkernels._C from csrc/ when it can be built (sources and flags: hrmkernels/_bu
   installs the pure-Python package and says why (pip shows it with -v). backend="cpu" / "cuda"
   then build csrc/ just-in-time on first use, where they can.
 - HRMKERNELS_CUDA_ARCHS: GPU architectures, default "80+PTX;90a" (Ampere, with PTX that newer
-  GPUs compile at load time, and Hopper with its thread-block-cluster kernels).
+  GPUs compile at load time, and Hopper).
 
 torch's BuildExtension compiles with ninja when it is installed (the README installs it), e.g.
 ``pip install torch==2.13.0 ninja && pip install --no-build-isolation -e ".[test]"``.

@@ -3,12 +3,12 @@
 //
 //   cpu/hrm_loss_cpu.cpp     CPU: hrm_loss_fwd, hrm_loss_bwd, hrm_loss_fwd_bwd (one sweep a
 //                            row), hrm_loss_scale_grad
-//   cuda/hrm_loss_cuda.cpp   CUDA: the first four (built only with a CUDA toolkit and a CUDA torch)
+//   cuda/hrm_loss_cuda.cpp   CUDA: hrm_loss_fwd, hrm_loss_bwd (built only with a CUDA toolkit and a
+//                            CUDA torch)
 //
 //   hrm_loss_fwd      forward: loss, ce, div, entropy (N,) and the stats (N, 5) the backward needs
 //   hrm_loss_bwd      backward: writes dz (and du) from the stats and the rows' gradients
-//   hrm_loss_fwd_bwd  both at once for gradients known up front (one pass on Hopper)
-//   hrm_loss_fwd_bwd_cluster_size   CTAs per row hrm_loss_fwd_bwd uses (0: two kernels)
+//   hrm_loss_fwd_bwd  both at once, for gradients known up front (one sweep a row on CPU)
 //   hrm_loss_scale_grad   dz (and du) *= grad, a 0-d tensor; nothing when it is exactly 1
 //
 // beta selects the divergence: 0 forward KL(p || q), 1 reverse KL(q || p), in between the
@@ -40,6 +40,5 @@ TORCH_LIBRARY(hrmkernels, m) {
       "hrm_loss_fwd_bwd(Tensor z, Tensor u, Tensor labels, Tensor grad, float hrm, "
       "float temperature, float label_smoothing, int ignore_index, float beta, "
       "Tensor(a!) dz, Tensor(b!)? du) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("hrm_loss_fwd_bwd_cluster_size(Tensor z, Tensor u, Tensor dz, Tensor? du) -> int");
   m.def("hrm_loss_scale_grad(Tensor grad, Tensor(a!) dz, Tensor(b!)? du) -> ()");
 }

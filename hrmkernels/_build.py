@@ -23,7 +23,7 @@ import shutil
 
 CPU_SOURCES = ("hrm_loss.cpp", "cpu/hrm_loss_cpu.cpp", "cpu/hrm_loss_fwd.cpp",
                "cpu/hrm_loss_bwd.cpp", "cpu/hrm_loss_fwd_bwd.cpp")
-CUDA_SOURCES = ("cuda/hrm_loss_cuda.cpp", "cuda/hrm_loss_kernels.cu", "cuda/hrm_loss_cluster.cu")
+CUDA_SOURCES = ("cuda/hrm_loss_cuda.cpp", "cuda/hrm_loss_kernels.cu")
 DEFAULT_CUDA_ARCHS = "80+PTX;90a"
 # ATen's own flags for its AVX2 / AVX-512 kernels (cmake/Codegen.cmake).
 CPU_CAPABILITY_FLAGS = {

@@ -1,8 +1,6 @@
 """Every source in csrc/ compiles cleanly, on any machine with the compilers (no GPU needed).
 
-- Each .cu is compiled with nvcc (-c, to an object in tmp_path) for sm_90a and sm_80 (thread-
-  block cluster code is guarded by __CUDA_ARCH__ >= 900, so the portable kernels must also
-  build for Ampere), with the flags torch.utils.cpp_extension adds and -Xptxas -v: no kernel
+- Each .cu is compiled with nvcc (-c, to an object in tmp_path) for sm_90a and sm_80, with the flags torch.utils.cpp_extension adds and -Xptxas -v: no kernel
   may spill registers or use local memory (a stack frame), which on a memory-bound kernel
   would cost as much DRAM traffic as the logits themselves.
 - The host files that no build here compiles, the CUDA binding (cuda/*.cpp), get a syntax
@@ -168,8 +166,7 @@ def test_ptxas_report_parses_spills():
 # SASS holds every option's branches and no path of it is the common case's. This harness runs
 # their device code (visit_row with the forward's folds, hrm_loss_device.cuh; load8, grad_elem,
 # store8 as the backward's vector step does) with those options as compile-time constants, as
-# templates on the options would: what the kernels (and the Hopper cluster kernel's two loops,
-# which fold and differentiate with the same functions) would cost so specialised. bf16.
+# templates on the options would: what the kernels would cost so specialised. bf16.
 COST_HARNESS = r"""
 #include "cuda/hrm_loss_device.cuh"
 using namespace hrmkernels;

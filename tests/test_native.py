@@ -437,8 +437,7 @@ def test_cpu_binding_errors_name_the_problem():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA only: int64 offsets at scale, hrm_loss_fwd_bwd (one pass over a row held on chip by a
-# thread-block cluster on Hopper, else the two kernels), and the CUDA binding's messages.
+# CUDA only: int64 offsets at scale and the CUDA binding's messages.
 
 @needs_cuda_backend
 def test_cuda_int64_offsets():
@@ -460,57 +459,6 @@ def test_cuda_int64_offsets():
     ref.backward(g[tail].double())
     torch.testing.assert_close(loss[tail].double(), ref, rtol=1e-5, atol=1e-5)
     err = (zl.grad[tail].double() - zt.grad).norm() / zt.grad.norm()
-    assert err < 1e-2
-
-
-FUSED = [(1000, torch.bfloat16, torch.bfloat16), (1001, torch.bfloat16, torch.bfloat16),
-         (32000, torch.bfloat16, torch.bfloat16), (128256, torch.bfloat16, torch.bfloat16),
-         (151936, torch.bfloat16, torch.float32), (262144, torch.bfloat16, torch.bfloat16),
-         (262144, torch.float32, torch.float32), (50000, torch.float16, torch.float16)]
-
-
-@needs_cuda_backend
-@pytest.mark.parametrize("v,dtype,tdtype", FUSED, ids=[f"V={v},{d},{t}" for v, d, t in FUSED])
-@pytest.mark.parametrize("beta,t,eps", [(0.0, 2.0, 0.1), (1.0, 1.0, 0.0)])
-@pytest.mark.parametrize("teacher", [False, True])
-def test_cuda_fwd_bwd_matches_two_kernels(v, dtype, tdtype, beta, t, eps, teacher):
-    n = 7
-    z = (torch.randn(n, 1, v, device="cuda") * 3).to(dtype)
-    u = (torch.randn(n, 1, v, device="cuda") * 3).to(tdtype)
-    y = torch.randint(0, v, (n,), device="cuda")
-    y[2] = -100
-    y[5] = v + 3                       # out of range: NaN loss, no out-of-bounds access
-    grad = torch.rand(n, device="cuda")
-    args = (0.5, t, eps, -100, beta)
-    dz, du = torch.empty_like(z), torch.empty_like(u) if teacher else None
-    if torch.cuda.get_device_capability()[0] >= 9 and v % 8 == 0:
-        assert native.fwd_bwd_cluster_size(z, u, dz, du) > 0   # the cluster path runs
-    got = native.hrm_loss_fwd_bwd(z, u, y, grad, *args, dz, du)
-    ref = native.hrm_loss_fwd(z, u, y, *args)
-    dz_ref, du_ref = torch.empty_like(z), torch.empty_like(u) if teacher else None
-    native.hrm_loss_bwd(z, u, y, ref[4], grad, *args, dz_ref, du_ref)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
-    for d, d_ref in ((dz, dz_ref), (du, du_ref)) if teacher else ((dz, dz_ref),):
-        err = (d.double() - d_ref.double()).norm() / d_ref.double().norm()
-        assert err < (1e-5 if d.dtype == torch.float32 else 1e-2), err
-    assert (dz[2] == 0).all()
-
-
-@needs_cuda_backend
-def test_cuda_fwd_bwd_in_place_and_strided_grad():
-    z = torch.randn(2, 4, 128256, device="cuda", dtype=torch.bfloat16)
-    u = torch.randn(2, 4, 128256, device="cuda", dtype=torch.bfloat16)
-    y = torch.randint(0, 128256, (8,), device="cuda")
-    grad = torch.full((), 0.125, device="cuda").expand(8)       # "mean" over 8 rows
-    args = (0.5, 2.0, 0.0, -100, 0.0)
-    ref = native.hrm_loss_fwd(z, u, y, *args)
-    dz_ref = torch.empty_like(z)
-    native.hrm_loss_bwd(z, u, y, ref[4], grad, *args, dz_ref, None)
-    buf = z.clone()
-    got = native.hrm_loss_fwd_bwd(buf, u, y, grad, *args, buf, None)   # dz overwrites z
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
-    err = (buf.double() - dz_ref.double()).norm() / dz_ref.double().norm()
     assert err < 1e-2
 
 

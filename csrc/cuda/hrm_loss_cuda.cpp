@@ -86,10 +86,9 @@ FwdOutputs hrm_loss_fwd_cuda(const at::Tensor& z, const at::Tensor& u, const at:
   return out;
 }
 
-// The gradient fields HrmLossBwdArgs and HrmLossFwdBwdArgs share: the rows' incoming gradient
-// grad (N,) and the outputs dz, du (du may be absent: no teacher gradient).
-template <class Args>
-void set_grad_args(Args& args, const at::Tensor& grad, const at::Tensor& dz,
+// HrmLossBwdArgs' gradient fields: the rows' incoming gradient grad (N,) and the outputs dz, du
+// (du may be absent: no teacher gradient).
+void set_grad_args(HrmLossBwdArgs& args, const at::Tensor& grad, const at::Tensor& dz,
                    const std::optional<at::Tensor>& du) {
   args.grad = grad.data_ptr<float>();
   args.grad_stride = grad.stride(0);
@@ -118,73 +117,10 @@ void hrm_loss_bwd_cuda(const at::Tensor& z, const at::Tensor& u, const at::Tenso
   check_launch(hrm_loss_bwd_launch(args, current_stream(z)), "hrm_loss_bwd");
 }
 
-HrmLossFwdBwdArgs fwd_bwd_args(const HrmLossFwdArgs& fwd, const at::Tensor& grad,
-                               const at::Tensor& dz, const std::optional<at::Tensor>& du) {
-  HrmLossFwdBwdArgs args{};
-  args.fwd = fwd;
-  set_grad_args(args, grad, dz, du);
-  return args;
-}
-
-// grad (N,) float32 with any stride, dz like z, du (optional) like u.
-void check_fwd_bwd_grads(const at::Tensor& z, const at::Tensor& u, const at::Tensor& grad,
-                         const at::Tensor& dz, const std::optional<at::Tensor>& du) {
-  check_vector(kCuda, grad, "grad", z, z.size(0) * z.size(1));
-  TORCH_CHECK(grad.scalar_type() == at::kFloat, kCuda.name,
-              ": grad must be float32 (any stride, 0 included), got ", grad.scalar_type());
-  check_rows(kCuda, dz, "dz (student gradient)", z);
-  TORCH_CHECK(dz.scalar_type() == z.scalar_type(), kCuda.name, ": dz must have z's dtype ",
-              z.scalar_type(), ", got ", dz.scalar_type());
-  if (du.has_value()) {
-    check_rows(kCuda, *du, "du (teacher gradient)", z);
-    TORCH_CHECK(du->scalar_type() == u.scalar_type(), kCuda.name, ": du must have u's dtype ",
-                u.scalar_type(), ", got ", du->scalar_type());
-  }
-}
-
-// The forward's outputs, and the gradient of sum_r grad_r * loss_r written into dz (and du),
-// with grad given up front: on Hopper one pass over z and u for the KL (hrm_loss_cluster.cu).
-FwdOutputs hrm_loss_fwd_bwd_cuda(const at::Tensor& z, const at::Tensor& u,
-                                 const at::Tensor& labels, const at::Tensor& grad, double hrm,
-                                 double temperature, double label_smoothing, int64_t ignore_index,
-                                 double beta, const at::Tensor& dz,
-                                 const std::optional<at::Tensor>& du) {
-  check_inputs(kCuda, z, u, labels, hrm, temperature, label_smoothing, beta);
-  check_fwd_bwd_grads(z, u, grad, dz, du);
-  const c10::cuda::CUDAGuard guard(z.device());
-  HrmLossFwdArgs fwd;
-  FwdOutputs out = forward_args(
-      z, u, labels, options(hrm, temperature, label_smoothing, ignore_index, beta), fwd);
-  if (labels.size(0) == 0) return out;
-  check_launch(hrm_loss_fwd_bwd_launch(fwd_bwd_args(fwd, grad, dz, du), current_stream(z)),
-               "hrm_loss_fwd_bwd");
-  return out;
-}
-
-// CTAs per row that hrm_loss_fwd_bwd uses for these tensors here (0: two kernels instead).
-int64_t hrm_loss_fwd_bwd_cluster_size_cuda(const at::Tensor& z, const at::Tensor& u,
-                                           const at::Tensor& dz,
-                                           const std::optional<at::Tensor>& du) {
-  check_rows(kCuda, z, "z (student logits)", z);
-  check_rows(kCuda, u, "u (teacher logits)", z);
-  const at::Tensor grad = at::empty({z.size(0) * z.size(1)}, z.options().dtype(at::kFloat));
-  check_fwd_bwd_grads(z, u, grad, dz, du);
-  const c10::cuda::CUDAGuard guard(z.device());
-  HrmLossFwdArgs fwd{};
-  fwd.z = rows_view(z);
-  fwd.u = rows_view(u);
-  fwd.B = z.size(0);
-  fwd.S = z.size(1);
-  fwd.V = z.size(2);
-  return hrm_loss_fwd_bwd_cluster_size(fwd_bwd_args(fwd, grad, dz, du));
-}
-
 }  // namespace
 }  // namespace hrmkernels
 
 TORCH_LIBRARY_IMPL(hrmkernels, CUDA, m) {
   m.impl("hrm_loss_fwd", &hrmkernels::hrm_loss_fwd_cuda);
   m.impl("hrm_loss_bwd", &hrmkernels::hrm_loss_bwd_cuda);
-  m.impl("hrm_loss_fwd_bwd", &hrmkernels::hrm_loss_fwd_bwd_cuda);
-  m.impl("hrm_loss_fwd_bwd_cluster_size", &hrmkernels::hrm_loss_fwd_bwd_cluster_size_cuda);
 }

@@ -1,4 +1,4 @@
-// Device code shared by the kernels (hrm_loss_kernels.cu, hrm_loss_cluster.cu): element access,
+// Device code of the kernels (hrm_loss_kernels.cu) and the cost harness: element access,
 // the row traversal, warp exchanges of the forward's states, and the rows' stores. The math
 // itself (the online state, its fold and merge, the row epilogues, the per-element gradient) is
 // hrm_loss_math.h, shared with the CPU kernels. CUDA toolkit headers only.

@@ -24,8 +24,7 @@
 // (e.g. different misalignments of z and u) run fully scalar, still coalesced across a warp.
 // All offsets are int64 (N * V exceeds 2**31 at N = 16k, V = 128k).
 //
-// Shared device code (loads, the row traversal, the stores) is in hrm_loss_device.cuh; the
-// Hopper variant that keeps whole rows on chip is hrm_loss_cluster.cu.
+// Shared device code (loads, the row traversal, the stores) is in hrm_loss_device.cuh.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -58,30 +58,9 @@ struct HrmLossBwdArgs {
   HrmLossOptions opt;
 };
 
-// Forward and backward together, for callers that know each row's gradient up front (e.g. the
-// loss is the final objective): the forward's outputs as in HrmLossFwdArgs, plus the gradients.
-struct HrmLossFwdBwdArgs {
-  HrmLossFwdArgs fwd;           // inputs, and the forward's outputs
-  const float* grad;            // (N,) fp32: d(total loss) / d(loss_r); grad_stride may be 0
-  int64_t grad_stride;
-  void* dz;                     // (B, S, V) out, z's dtype, unit last stride; may alias z
-  int64_t dz_stride_b, dz_stride_s;
-  void* du;                     // (B, S, V) out, u's dtype, or nullptr: no teacher gradient
-  int64_t du_stride_b, du_stride_s;
-};
-
 // All return cudaSuccess or the launch error (cudaErrorInvalidValue for sizes beyond the grid
 // limits); they never synchronise. N = B * S = 0 launches nothing.
 cudaError_t hrm_loss_fwd_launch(const HrmLossFwdArgs& args, cudaStream_t stream);
 cudaError_t hrm_loss_bwd_launch(const HrmLossBwdArgs& args, cudaStream_t stream);
-
-// One launch where a thread-block cluster can hold whole rows of z and u on chip (sm_90+, the
-// KL: beta 0 or 1; hrm_loss_cluster.cu): each input is read once and each gradient written
-// once. Elsewhere, the forward then the backward kernel (the same results).
-cudaError_t hrm_loss_fwd_bwd_launch(const HrmLossFwdBwdArgs& args, cudaStream_t stream);
-
-// The cluster size (CTAs per row) hrm_loss_fwd_bwd_launch uses for these arguments on the
-// current device, or 0 where it falls back to two kernels.
-int hrm_loss_fwd_bwd_cluster_size(const HrmLossFwdBwdArgs& args);
 
 }  // namespace hrmkernels

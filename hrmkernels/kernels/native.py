@@ -218,10 +218,8 @@ def hrm_loss_fwd_bwd(z, u, labels, grad, hrm, temperature, label_smoothing, igno
 
     Returns loss, ce, div, entropy, stats as hrm_loss_fwd and writes dz (and du) as
     hrm_loss_bwd; dz may be z itself (each row's loss is computed before its gradient
-    overwrites it). On CPU tensors, one sweep over each row: the gradient pass reads the row
-    while the forward has left it in cache (csrc/cpu/hrm_loss_fwd_bwd.cpp). On Hopper, for the KL (beta 0 or 1), 16-byte aligned rows and V % 8 == 0, one
-    kernel keeps each row on chip (a thread-block cluster) and reads z and u once: 6 bytes per
-    element in bf16 instead of 10.
+    overwrites it). CPU tensors only: one sweep over each row, the gradient pass reading the
+    row while the forward has left it in cache (csrc/cpu/hrm_loss_fwd_bwd.cpp).
     """
     _require(z.device)
     if grad.dtype not in (torch.float32, _out_dtype(z, u)):   # float64 on CPU, for fp64 inputs
@@ -243,8 +241,3 @@ def hrm_loss_scale_grad(grad, dz, du=None):
     _require(dz.device)
     torch.ops.hrmkernels.hrm_loss_scale_grad(grad, dz, du)
 
-
-def fwd_bwd_cluster_size(z, u, dz, du=None):
-    """CTAs per row that hrm_loss_fwd_bwd uses for these tensors (0: two kernels instead)."""
-    _require(z.device)
-    return torch.ops.hrmkernels.hrm_loss_fwd_bwd_cluster_size(z, u, dz, du)
