@@ -20,9 +20,9 @@ INTERPRETER_BLOCK_V = 16384
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
-# On a GPU exp2 is one MUFU.EX2 (log2 one MUFU.LG2) (ex2.approx.ftz: no denormal fix-up, as in csrc); the
-# interpreter runs no PTX and takes tl.exp2.
-NATIVE_EXP2: tl.constexpr = tl.constexpr(not INTERPRETED)   # and log2
+# On a GPU exp2 is one MUFU.EX2 and log2 one MUFU.LG2 (ex2/lg2.approx.ftz: no denormal fix-up,
+# as in csrc); the interpreter runs no PTX and takes tl.exp2, tl.log2.
+NATIVE_EXP2: tl.constexpr = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
