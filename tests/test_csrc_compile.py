@@ -1,8 +1,9 @@
 """Every source in csrc/ compiles cleanly, on any machine with the compilers (no GPU needed).
 
 - Each .cu is compiled with nvcc (-c, to an object in tmp_path) for sm_90a and sm_80, with
-  the flags torch.utils.cpp_extension adds and -Xptxas -v: no kernel may spill registers or use local memory (a stack frame), which on a memory-bound kernel
-  would cost as much DRAM traffic as the logits themselves.
+  the flags torch.utils.cpp_extension adds and -Xptxas -v: no kernel may spill registers or
+  use local memory (a stack frame), which on a memory-bound kernel would cost as much DRAM
+  traffic as the logits themselves.
 - The host files that no build here compiles, the CUDA binding (cuda/*.cpp), get a syntax
   check with the host compiler against the installed torch's headers, -Wall -Wextra, and no
   warning may point into csrc/. torch's CPU wheel ships c10/cuda but not its generated
