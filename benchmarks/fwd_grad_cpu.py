@@ -64,6 +64,15 @@ def measure(n, v, dtype, repeats):
             "grad_max_abs_diff": (grads[True].float() - grads[False].float()).abs().max().item()}
 
 
+def _triton_version():
+    """The installed Triton (unused by the C++ CPU kernels measured here), or None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2048)
@@ -76,6 +85,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     results = [measure(args.n, args.v, dt, args.repeats) for dt in (torch.float32, torch.bfloat16)]
     out = {"benchmark": "fwd_grad_cpu", "device": "CPU", "cpu": _cpu_name(),
+           "gpu": f"cpu ({_cpu_name()}, {os.cpu_count()} cores)", "triton": _triton_version(),
            "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
            "commit": _git("rev-parse", "HEAD"), "date": datetime.date.today().isoformat(),
            "config": {"temperature": 2.0, "hrm": 0.5, "reduction": "mean",
